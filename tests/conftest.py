@@ -1,0 +1,21 @@
+"""Shared test setup: offline hubs, no swanlab network, and the reference fixtures of the original code."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SWANLAB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """`../shared/fixtures` beside the repo: reference outputs of the original MiniMind code."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {SHARED_FIXTURES} (they live beside the repo, not in it)")
+    return SHARED_FIXTURES
