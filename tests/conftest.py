@@ -19,3 +19,20 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {SHARED_FIXTURES} (they live beside the repo, not in it)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def datasets_cache(tmp_path_factory) -> Path:
+    """Arrow caches of the datasets built by a test go to a temporary directory, not ~/.cache."""
+    import datasets
+
+    cache = tmp_path_factory.mktemp("datasets_cache")
+    datasets.config.HF_DATASETS_CACHE = cache
+    datasets.disable_progress_bars()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def project_tokenizer_dir() -> Path:
+    """The tokenizer trained on the sample data by data/make_data.py."""
+    return REPO_ROOT / "data" / "tokenizer"
