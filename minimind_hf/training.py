@@ -8,6 +8,7 @@ import difflib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from .checkpointing import CheckpointError, check_resumable, last_complete_checkpoint, with_atomic_checkpoints
 from .configuration_minimind import MiniMindConfig
 from .convert import build_config, load_pth, parse_overrides, pth_name, save_pth
 from .modeling_minimind import MiniMindForCausalLM
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger("minimind_hf")
 
@@ -187,6 +190,8 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
         batch.pop("attention_mask", None)
+        # A sample's first token would be the target of the previous sample's last one: never a target.
+        batch["labels"][batch["position_ids"] == 0] = -100
         return batch
 
 
@@ -201,13 +206,25 @@ class MiniMindTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         inputs = {**inputs, "use_cache": False}
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
         unwrapped = self.accelerator.unwrap_model(model)
+        if return_outputs:
+            outputs = model(**inputs)
+            loss_labels = {"labels": labels}
+        else:
+            # Only the loss is wanted: project onto the vocabulary only at positions whose next token is supervised
+            # (`logits_to_keep` takes a boolean mask), which skips the LM head, its fp32 logits and their softmax
+            # for every prompt, header and padding position. Measured in benchmarks/README.md.
+            shift_labels = labels[:, 1:]
+            supervised = shift_labels != -100
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = supervised
+            outputs = model(**inputs, logits_to_keep=keep)
+            loss_labels = {"labels": None, "shift_labels": shift_labels[supervised]}
         lm_loss = unwrapped.loss_function(
             logits=outputs.logits,
-            labels=labels,
             vocab_size=unwrapped.config.vocab_size,
             num_items_in_batch=num_items_in_batch,
+            **loss_labels,
         )
         loss = lm_loss
         # As in `Trainer.compute_loss`: with a global token count, DDP's gradient averaging must be undone.
@@ -244,19 +261,20 @@ class SwanLabRunIdCallback(TrainerCallback):
 
 
 def resolve_resume(training_args: SFTConfig) -> str | None:
-    """`resume_from_checkpoint`: a path, or true/"true" for the newest checkpoint in output_dir (None if none)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """`resume_from_checkpoint`: a path, or true/"true" for the newest complete checkpoint in output_dir (None if
+    none). Incomplete or damaged newer checkpoints are skipped with a warning; a given path must be intact."""
     value = training_args.resume_from_checkpoint
     if value in (None, False, "", "false", "False"):
         return None
-    if str(value).lower() == "true":
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        if last is None:
-            logger.warning("resume_from_checkpoint: no checkpoint in %s, starting fresh", training_args.output_dir)
-        return last
-    if not Path(value).is_dir():
-        raise RecipeError(f"resume_from_checkpoint {value} is not a checkpoint directory")
+    try:
+        if str(value).lower() == "true":
+            last = last_complete_checkpoint(training_args.output_dir)
+            if last is None:
+                logger.warning("resume_from_checkpoint: no checkpoint in %s, starting fresh", training_args.output_dir)
+            return last
+        check_resumable(value)
+    except CheckpointError as err:
+        raise RecipeError(f"resume_from_checkpoint: {err}") from err
     return str(value)
 
 
@@ -276,7 +294,7 @@ def build_trainer(
     train_dataset,
     eval_dataset=None,
 ) -> MiniMindTrainer:
-    trainer = MiniMindTrainer(
+    trainer = with_atomic_checkpoints(MiniMindTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -303,6 +321,8 @@ def save_final(trainer: MiniMindTrainer, args: MiniMindArguments, tokenizer: Pre
         max_new_tokens=512,
     )
     trainer.save_model(trainer.args.output_dir)
+    # The run's log history next to the model: what `python -m minimind_hf.plot DIR` draws.
+    trainer.save_state()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(trainer.args.output_dir)
         if args.save_pth:
@@ -318,3 +338,24 @@ def tokenizer_path(args: MiniMindArguments) -> str:
     if args.model_name_or_path and (model_dir / "tokenizer_config.json").is_file():
         return str(model_dir)
     return "data/tokenizer"
+
+
+def run_recipe(
+    argv: list[str] | None,
+    load_datasets: Callable[[MiniMindArguments, SFTConfig, PreTrainedTokenizerBase], tuple],
+    defaults: dict[str, Any] | None = None,
+) -> MiniMindTrainer:
+    """A recipe's whole run. Everything that can be wrong with the input is checked before training starts,
+    and before anything is written to output_dir: recipe keys and types, tokenizer, data, model, resume point."""
+    args, training_args = parse_recipe(argv=argv, defaults=defaults)
+    tokenizer = load_tokenizer(tokenizer_path(args))
+    train_dataset, eval_dataset = load_datasets(args, training_args, tokenizer)
+    model = load_model(args)
+    resume_from = resolve_resume(training_args)
+    check_output_dir(training_args.output_dir)
+    configure_swanlab(args, resume_from)
+
+    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset)
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_final(trainer, args, tokenizer)
+    return trainer

@@ -8,41 +8,22 @@ Every key of the YAML (and of `--key value` on the command line) belongs to `Min
 """
 
 from minimind_hf.data import load_sft_dataset
-from minimind_hf.tokenizer import load_tokenizer
-from minimind_hf.training import (
-    build_trainer,
-    check_output_dir,
-    configure_swanlab,
-    load_model,
-    parse_recipe,
-    resolve_resume,
-    save_final,
-    tokenizer_path,
-)
+from minimind_hf.training import run_recipe
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, training_args = parse_recipe(argv=argv, defaults={"assistant_only_loss": True})
-    tokenizer = load_tokenizer(tokenizer_path(args))
-    train_dataset = load_sft_dataset(
-        args.data_path, skip_invalid=args.skip_invalid, tokenizer=tokenizer, max_length=training_args.max_length
-    )
-    eval_dataset = None
-    if args.eval_data_path:
-        eval_dataset = load_sft_dataset(
-            args.eval_data_path,
-            skip_invalid=args.skip_invalid,
-            tokenizer=tokenizer,
-            max_length=training_args.max_length,
+def load_datasets(args, training_args, tokenizer):
+    """Conversations as TRL's `messages`; TRL applies the chat template and the assistant-only mask."""
+
+    def load(paths):
+        return load_sft_dataset(
+            paths, skip_invalid=args.skip_invalid, tokenizer=tokenizer, max_length=training_args.max_length
         )
-    model = load_model(args)
-    resume_from = resolve_resume(training_args)
-    check_output_dir(training_args.output_dir)
-    configure_swanlab(args, resume_from)
 
-    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset)
-    trainer.train(resume_from_checkpoint=resume_from)
-    save_final(trainer, args, tokenizer)
+    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+
+
+def main(argv: list[str] | None = None):
+    return run_recipe(argv, load_datasets, defaults={"assistant_only_loss": True})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ TOKENIZER = REPO / "data" / "tokenizer"
 sys.path.insert(0, str(REPO / "recipes"))
 import sft  # noqa: E402
 
+from minimind_hf import training  # noqa: E402
+
 
 def write_data(path: Path, n: int = 48) -> Path:
     lines = []
@@ -66,7 +68,7 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_first_step_loss_is_masked_cross_entropy_and_lr_follows_minimind(tmp_path, monkeypatch):
     captured = {}
-    original = sft.build_trainer
+    original = training.build_trainer
 
     def capturing_build_trainer(*args, **kwargs):
         trainer = original(*args, **kwargs)
@@ -82,7 +84,7 @@ def test_first_step_loss_is_masked_cross_entropy_and_lr_follows_minimind(tmp_pat
         captured["trainer"] = trainer
         return trainer
 
-    monkeypatch.setattr(sft, "build_trainer", capturing_build_trainer)
+    monkeypatch.setattr(training, "build_trainer", capturing_build_trainer)
     sft.main(["--config", str(write_recipe(tmp_path, max_steps=8))])
     trainer, inputs = captured["trainer"], captured["inputs"]
     assert "attention_mask" not in inputs and "position_ids" in inputs, "packed rows, no padding mask"
@@ -183,8 +185,9 @@ DDP_PROBE = """
 import json, os, sys
 sys.path.insert(0, {recipes!r})
 import sft
+from minimind_hf import training
 seen = []
-original = sft.build_trainer
+original = training.build_trainer
 def recording(*args, **kwargs):
     trainer = original(*args, **kwargs)
     compute_loss = trainer.compute_loss
@@ -194,7 +197,7 @@ def recording(*args, **kwargs):
         return compute_loss(model, inputs, *a, **kw)
     trainer.compute_loss = record
     return trainer
-sft.build_trainer = recording
+training.build_trainer = recording
 sft.main(sys.argv[1:])
 with open(os.path.join({out!r}, "seen-" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump(seen, f)

@@ -1,0 +1,195 @@
+"""Chat with a MiniMind model: an HF directory, or an original MiniMind `.pth` with its sizes.
+
+    python -m minimind_hf.chat --model out/sft                       # interactive, streamed, multi-turn
+    python -m minimind_hf.chat --model out/sft --prompt "Hi" --prompt "2+2?" --greedy   # one-shot answers
+    python -m minimind_hf.chat --model out/full_sft_512.pth --tokenizer data/tokenizer --hidden_size 512
+
+Prompts are rendered with the tokenizer's chat template (generation prompt added) and generation stops at
+`<|im_end|>`. In the interactive mode `/clear` forgets the history and `/exit` (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+
+from .convert import build_config, load_pth, parse_overrides
+from .tokenizer import EOS_TOKEN, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(
+    model_path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    hidden_size: int = 512,
+    num_hidden_layers: int = 8,
+    use_moe: bool = False,
+    config_overrides: str = "",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An HF directory (its own tokenizer unless `tokenizer_path`), or a `.pth` file built with the given sizes.
+
+    The model comes back in eval mode; the sizes are only read for a `.pth`, which carries no config.
+    """
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        if not (model_path / "config.json").is_file():
+            raise FileNotFoundError(f"{model_path}: not an HF model directory (no config.json)")
+        if tokenizer_path is None and not (model_path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{model_path}: holds no tokenizer (tokenizer.json); pass --tokenizer DIR")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+    elif model_path.is_file():
+        if tokenizer_path is None:
+            raise ValueError(f"{model_path}: a .pth carries no tokenizer; pass --tokenizer DIR")
+        config = build_config(hidden_size, num_hidden_layers, use_moe, parse_overrides(config_overrides))
+        model = load_pth(model_path, config, dtype=DTYPES[dtype])
+    else:
+        raise FileNotFoundError(f"{model_path}: no such model (an HF directory or an original .pth file)")
+    return model.eval(), load_tokenizer(tokenizer_path or model_path)
+
+
+def build_messages(
+    history: list[tuple[str, str]], prompt: str, system: str | None = None, max_turns: int = 0
+) -> list[dict[str, str]]:
+    """The conversation to answer: the optional system prompt, the last `max_turns` (user, assistant) turns of
+    `history`, then `prompt`."""
+    messages = [{"role": "system", "content": system}] if system else []
+    kept = history[-max_turns:] if max_turns > 0 else []  # history[-0:] would keep everything
+    for user, assistant in kept:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.85,
+    top_p: float = 0.85,
+    greedy: bool = False,
+    streamer: TextStreamer | None = None,
+) -> list[str]:
+    """The assistant's next message for each conversation, generated as one left-padded batch."""
+    inputs = tokenizer.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        padding=True,
+        return_tensors="pt",
+        return_dict=True,
+        tokenizer_kwargs={"padding_side": "left"},
+    ).to(model.device)
+    # Set every sampling field, so that a checkpoint's own generation config cannot half-apply (e.g. its
+    # temperature on a greedy run).
+    sampling = {"do_sample": not greedy, "temperature": temperature, "top_p": top_p, "top_k": None}
+    if greedy:
+        sampling.update(temperature=None, top_p=None)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_reply(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **sampling
+) -> str:
+    """The assistant's next message after `messages`; `sampling` as in `generate_replies` (`streamer` too)."""
+    return generate_replies(model, tokenizer, [messages], **sampling)[0]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say where the model comes from (shared with `minimind_hf.evaluate`)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="an HF model directory, or an original MiniMind .pth")
+    group.add_argument("--tokenizer", help="tokenizer directory (default: the model directory; required for .pth)")
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 is fast on recent CPUs too")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--hidden_size", type=int, default=512, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
+    group.add_argument("--num_hidden_layers", type=int, default=8, help=".pth only")
+    group.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help=".pth only")
+    group.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
+
+
+def load_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model,
+            args.tokenizer,
+            dtype=args.dtype,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            use_moe=bool(args.use_moe),
+            config_overrides=args.config_overrides,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(1, f"error: {err}\n")
+    return model.to(args.device), tokenizer
+
+
+def _chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
+    history: list[tuple[str, str]] = []
+    print(f"Chatting with {args.model}: /clear forgets the history, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if prompt == "/exit":
+            return
+        if prompt == "/clear":
+            history.clear()
+            continue
+        if prompt:
+            messages = build_messages(history, prompt, args.system, args.history)
+            reply = generate_reply(model, tokenizer, messages, streamer=_streamer(tokenizer), **sampling)
+            history.append((prompt, reply))
+
+
+def _streamer(tokenizer: PreTrainedTokenizerBase) -> TextStreamer:
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minimind_hf.chat", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", help="answer this and exit (repeat for several prompts)")
+    parser.add_argument("--system", help="system prompt (default: the chat template's)")
+    parser.add_argument("--history", type=int, default=4, help="previous turns kept in the context (default 4)")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.85)
+    parser.add_argument("--top_p", type=float, default=0.85)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_from_args(args, parser)
+    if args.seed is not None:
+        set_seed(args.seed)
+    sampling = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "greedy")}
+    if not args.prompt:
+        _chat(model, tokenizer, args, sampling)
+        return
+    for prompt in args.prompt:
+        if len(args.prompt) > 1:
+            print(f"> {prompt}")
+        messages = build_messages([], prompt, args.system)
+        generate_reply(model, tokenizer, messages, streamer=_streamer(tokenizer), **sampling)
+
+
+if __name__ == "__main__":
+    main()

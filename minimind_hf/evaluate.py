@@ -1,0 +1,155 @@
+"""Score a model on a held-out conversation set: exact-match accuracy per task, and the assistant-token loss.
+
+    python -m minimind_hf.evaluate --model out/sft --data data/eval.jsonl --out out/sft/eval_results.json
+
+Rows are SFT conversations plus `task` (a name) and `answer` (the expected string). The model answers
+greedily from every message before the last assistant message (with the generation prompt); a prediction
+is right when it equals `answer`, both stripped of surrounding whitespace. `mean_loss` is the cross-entropy
+per supervised token over the whole conversations (teacher forcing), with the supervised positions and the
+truncation of SFT training. The model options are those of `minimind_hf.chat` (an HF directory or a `.pth`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
+
+from .chat import add_model_arguments, generate_replies, load_from_args
+from .data import IGNORE_INDEX, DataError, encode_conversation, scan
+
+
+def load_eval_rows(path: str | Path) -> list[dict]:
+    """The rows of an evaluation file, each with its `prompt` (the messages before the last assistant one).
+
+    Conversations are validated as SFT data; a missing or non-string `task` / `answer`, or a conversation
+    that does not end with the assistant's answer, is a `DataError` naming the file and line.
+    """
+    scan(path, "sft")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for key in ("task", "answer"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(path, number, "missing_field", f'no "{key}" string (an evaluation row needs one)')
+            messages = row["conversations"]
+            if messages[-1]["role"] != "assistant":
+                raise DataError(path, number, "bad_order", "the last message is not the assistant's answer")
+            rows.append({**row, "prompt": messages[:-1], "line": number})
+    return rows
+
+
+def score(predictions: list[str], rows: list[dict]) -> dict:
+    """Exact match (whitespace-stripped) of each prediction with its row's `answer`, overall and per task."""
+    if len(predictions) != len(rows):
+        raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
+    total, correct = Counter(), Counter()
+    for prediction, row in zip(predictions, rows, strict=True):
+        total[row["task"]] += 1
+        correct[row["task"]] += prediction.strip() == row["answer"].strip()
+
+    def summary(n: int, right: int) -> dict:
+        return {"n": n, "correct": right, "exact_match": right / n if n else 0.0}
+
+    return {
+        "overall": summary(total.total(), correct.total()),
+        "tasks": {task: summary(total[task], correct[task]) for task in sorted(total)},
+    }
+
+
+def mean_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict]],
+    max_length: int | None,
+    batch_size: int = 16,
+) -> float:
+    """Cross-entropy per supervised token over `conversations`, from the model's own (token-mean) loss."""
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(conversations), batch_size):
+        batch = collator(
+            [encode_conversation(m, tokenizer, max_length) for m in conversations[start : start + batch_size]]
+        ).to(model.device)
+        # The model's loss is a mean over the batch's shifted supervised targets: weight it by their count.
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if n:
+            with torch.inference_mode():
+                loss_sum += model(**batch, use_cache=False).loss.item() * n
+            tokens += n
+    return loss_sum / tokens if tokens else math.nan
+
+
+def predict(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy answers to each row's prompt, in batches of similar length (less left padding)."""
+    order = sorted(range(len(rows)), key=lambda i: sum(len(m["content"]) for m in rows[i]["prompt"]))
+    predictions = [""] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch"):
+        indices = order[start : start + batch_size]
+        replies = generate_replies(
+            model, tokenizer, [rows[i]["prompt"] for i in indices], max_new_tokens=max_new_tokens, greedy=True
+        )
+        for i, reply in zip(indices, replies, strict=True):
+            predictions[i] = reply
+    return predictions
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'task':<16}{'n':>6}{'exact match':>14}"]
+    for name, row in [*results["tasks"].items(), ("overall", results["overall"])]:
+        lines.append(f"{name:<16}{row['n']:>6}{100 * row['exact_match']:>13.1f}%")
+    lines.append(f"mean assistant-token loss: {results['mean_loss']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minimind_hf.evaluate", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="JSON Lines evaluation set (conversations, task, answer)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=512, help="truncation for the loss, as in training")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    parser.add_argument("--samples", type=int, default=5, help="rows copied into the JSON with their prediction")
+    args = parser.parse_args(argv)
+
+    try:
+        rows = load_eval_rows(args.data)[: args.limit]
+    except (DataError, FileNotFoundError) as err:
+        parser.exit(1, f"error: {err}\n")
+    model, tokenizer = load_from_args(args, parser)
+
+    predictions = predict(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
+    results = score(predictions, rows)
+    results["mean_loss"] = mean_loss(
+        model, tokenizer, [row["conversations"] for row in rows], args.max_length, args.batch_size
+    )
+    results["samples"] = [
+        {"line": row["line"], "task": row["task"], "prompt": row["prompt"], "answer": row["answer"], "prediction": p}
+        for row, p in zip(rows[: args.samples], predictions, strict=False)
+    ]
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        # NaN (no supervised token at all) is not JSON: null instead.
+        record = {"model": args.model, "data": args.data, **results}
+        record["mean_loss"] = None if math.isnan(results["mean_loss"]) else results["mean_loss"]
+        Path(args.out).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Causal-LM pretraining of MiniMind (MiniMind's `train_pretrain.py`, the HF way).
+
+    python recipes/pretrain.py --config recipes/pretrain.yaml
+    torchrun --nproc_per_node 2 recipes/pretrain.py --config recipes/pretrain.yaml
+
+Each `{"text": ...}` line becomes `<|im_start|>` + text + `<|im_end|>`, cut to `max_length`, and every token
+is a target. Samples are packed into rows of `max_length` (no compute on padding) and never attend to, or
+predict, each other. The output directory is what the SFT recipe's `model_name_or_path` points at.
+"""
+
+from minimind_hf.data import load_pretrain_dataset, tokenize_pretrain
+from minimind_hf.training import run_recipe
+
+
+def load_datasets(args, training_args, tokenizer):
+    def load(paths):
+        texts = load_pretrain_dataset(paths, skip_invalid=args.skip_invalid)
+        return tokenize_pretrain(texts, tokenizer, training_args.max_length)
+
+    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+
+
+def main(argv: list[str] | None = None):
+    defaults = {"assistant_only_loss": False, "pth_weight_name": "pretrain", "swanlab_project": "MiniMind-Pretrain"}
+    return run_recipe(argv, load_datasets, defaults=defaults)
+
+
+if __name__ == "__main__":
+    main()
