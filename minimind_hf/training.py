@@ -278,13 +278,30 @@ def resolve_resume(training_args: SFTConfig) -> str | None:
     return str(value)
 
 
-def configure_swanlab(args: MiniMindArguments, resume_from: str | None) -> None:
-    """Project name, and the run id saved with the checkpoint we resume from."""
-    os.environ.setdefault("SWANLAB_PROJECT", args.swanlab_project)
-    run_file = Path(resume_from or "", SWANLAB_RUN_FILE)
-    if resume_from and run_file.is_file():
-        os.environ["SWANLAB_RUN_ID"] = run_file.read_text().strip()
-        os.environ["SWANLAB_RESUME"] = "allow"
+def start_swanlab(args: MiniMindArguments, training_args: SFTConfig, resume_from: str | None) -> list[TrainerCallback]:
+    """swanlab logging, continuing the run saved with the checkpoint we resume from.
+
+    transformers' built-in `report_to: swanlab` calls `swanlab.get_run()`, which raises in swanlab >= 0.9 when
+    no run is active; swanlab's own transformers callback is used instead, on a run started here (on the main
+    process) so that it can carry the resumed run id. `SWANLAB_MODE=local|offline|disabled` works as usual.
+    """
+    if "swanlab" not in training_args.report_to:
+        return []
+    training_args.report_to = [name for name in training_args.report_to if name != "swanlab"]
+    import swanlab
+    from swanlab.integration.transformers import SwanLabCallback
+
+    if training_args.process_index == 0:
+        run_file = Path(resume_from or "", SWANLAB_RUN_FILE)
+        run_id = run_file.read_text().strip() if resume_from and run_file.is_file() else None
+        swanlab.init(
+            project=os.environ.get("SWANLAB_PROJECT", args.swanlab_project),
+            experiment_name=training_args.run_name,
+            logdir=os.environ.get("SWANLAB_LOG_DIR", str(Path(training_args.output_dir) / "swanlog")),
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+    return [SwanLabCallback()]
 
 
 def build_trainer(
@@ -353,9 +370,15 @@ def run_recipe(
     model = load_model(args)
     resume_from = resolve_resume(training_args)
     check_output_dir(training_args.output_dir)
-    configure_swanlab(args, resume_from)
+    loggers = start_swanlab(args, training_args, resume_from)
 
     trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset)
+    for callback in loggers:
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume_from)
     save_final(trainer, args, tokenizer)
+    if loggers and trainer.is_world_process_zero():
+        import swanlab
+
+        swanlab.finish()
     return trainer

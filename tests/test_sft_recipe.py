@@ -221,3 +221,15 @@ def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     answer = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert answer.shape[1] > 4
+
+
+def test_resumed_run_continues_the_same_swanlab_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWANLAB_MODE", "local")  # written to disk only, never the network
+    recipe = write_recipe(tmp_path, max_steps=4, save_steps=2, report_to="swanlab")
+    sft.main(["--config", str(recipe)])
+    out = tmp_path / "out"
+    run_id = (out / "checkpoint-2" / "swanlab_run_id.txt").read_text()
+    subprocess.run(["rm", "-rf", str(out / "checkpoint-4")], check=True)
+    sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
+    runs = sorted(p.name for p in (out / "swanlog").glob("run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
