@@ -274,7 +274,9 @@ class AtomicCheckpointMixin:
 
     Overrides `_save_checkpoint` because the library rotates at the end of it, before any hook could seal the new
     checkpoint: a crash there would leave only an unsealed checkpoint. Its own rotation is switched off for the
-    call and done here after the seal.
+    call and done here after the seal. A failed save (a full disk) becomes a `CheckpointError` that says what is
+    left. `_load_from_checkpoint` refuses a checkpoint of other sizes by name, and `_run_epoch` keeps a run
+    resumed from its final checkpoint from training a step past `max_steps`.
     """
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -304,7 +306,11 @@ class AtomicCheckpointMixin:
             # Best effort: a partial checkpoint is useless, and on a full disk its space is what is missing.
             shutil.rmtree(folder, ignore_errors=True)
         sealed = [f for f in list_checkpoints(run_dir) if is_sealed(f)]
-        last = f"the last complete checkpoint, {sealed[-1]}, is intact" if sealed else "no complete checkpoint yet"
+        last = (
+            f"the last complete checkpoint, {sealed[-1]}, is intact"
+            if sealed
+            else "there is no complete checkpoint yet"
+        )
         free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.is_dir() else float("nan")
         return CheckpointError(
             f"could not write {folder}: {err}\n{free:.0f} MiB free on {run_dir}; {last}. Make room and rerun with "

@@ -91,7 +91,7 @@ def _conversation(record: dict) -> dict:
             raise _Invalid("bad_role", f"message {i} has role {message['role']!r}, not one of {ROLES}")
         if not isinstance(message["content"], str):
             kind = type(message["content"]).__name__
-            raise _Invalid("bad_content", f"message {i} content is a {kind}, not a string")
+            raise _Invalid("bad_content", f"message {i} content is of type {kind}, not a string")
     roles = [message["role"] for message in conversations]
     start = 1 if roles[0] == "system" else 0
     for i in range(start, len(roles)):

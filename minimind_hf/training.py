@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -22,6 +23,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from .checkpointing import CheckpointError, check_resumable, last_complete_checkpoint, with_atomic_checkpoints
 from .configuration_minimind import MiniMindConfig
 from .convert import build_config, load_pth, parse_overrides, pth_name, save_pth
+from .data import DataError
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
 
@@ -143,12 +145,15 @@ def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
                 raise RecipeError(
                     f"the recipe says {key}={value} but the checkpoint {source} has {key}={getattr(config, key)}"
                 )
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, attn_implementation=args.attn_implementation
-        )
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, attn_implementation=args.attn_implementation
+            )
+        except (OSError, ValueError, SafetensorError) as err:
+            raise RecipeError(f"model_name_or_path {source}: cannot load the model ({err})") from err
     config = build_config(
-        hidden_size=args.hidden_size or 512,
-        num_hidden_layers=args.num_hidden_layers or 8,
+        hidden_size=512 if args.hidden_size is None else args.hidden_size,
+        num_hidden_layers=8 if args.num_hidden_layers is None else args.num_hidden_layers,
         use_moe=bool(args.use_moe),
         overrides=overrides,
     )
@@ -382,3 +387,11 @@ def run_recipe(
 
         swanlab.finish()
     return trainer
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a recipe from the command line: bad input prints one `error: ...` line and exits 1, no traceback."""
+    try:
+        main()
+    except (RecipeError, DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")

@@ -9,7 +9,7 @@ predict, each other. The output directory is what the SFT recipe's `model_name_o
 """
 
 from minimind_hf.data import load_pretrain_dataset, tokenize_pretrain
-from minimind_hf.training import run_recipe
+from minimind_hf.training import run_cli, run_recipe
 
 
 def load_datasets(args, training_args, tokenizer):
@@ -26,4 +26,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

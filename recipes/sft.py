@@ -8,7 +8,7 @@ Every key of the YAML (and of `--key value` on the command line) belongs to `Min
 """
 
 from minimind_hf.data import load_sft_dataset
-from minimind_hf.training import run_recipe
+from minimind_hf.training import run_cli, run_recipe
 
 
 def load_datasets(args, training_args, tokenizer):
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from minimind_hf.training import RecipeError
 
@@ -205,8 +205,8 @@ with open(os.path.join({out!r}, "seen-" + os.environ["RANK"] + ".json"), "w") as
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path):
-    recipe = write_recipe(tmp_path, max_steps=3, save_steps=10, per_device_train_batch_size=2)
+def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path, max_steps=3, save_steps=2, per_device_train_batch_size=2)
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE.format(recipes=str(REPO / "recipes"), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -221,6 +221,20 @@ def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     answer = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert answer.shape[1] > 4
+
+    # Saved by 2 processes, resumed by 1: the optimizer step count (and so the LR schedule) carries on.
+    subprocess.run(["rm", "-rf", str(tmp_path / "out" / "checkpoint-3")], check=True)
+    steps_run = []
+    original = training.build_trainer
+
+    def counting(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(type("Count", (TrainerCallback,), {"on_step_end": lambda *a, **k: steps_run.append(1)}))
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", counting)
+    trainer = sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
+    assert trainer.state.global_step == 3 and len(steps_run) == 1, "resumed after step 2, not from the start"
 
 
 def test_resumed_run_continues_the_same_swanlab_run(tmp_path, monkeypatch):

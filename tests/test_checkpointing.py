@@ -1,0 +1,200 @@
+"""Sealed checkpoints: rotation order, resuming past incomplete or damaged ones, and what a resume unpickles."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from minimind_hf import checkpointing
+from minimind_hf.checkpointing import (
+    MANIFEST,
+    checkpoint_problem,
+    rotate_complete_checkpoints,
+    seal_checkpoint,
+)
+from minimind_hf.training import RecipeError, resolve_resume
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import sft  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
+
+def write_recipe(directory: Path, **overrides) -> Path:
+    data = directory / "sft.jsonl"
+    if not data.exists():
+        rows = [
+            {"conversations": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(32)
+        ]
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = {
+        "data_path": str(data),
+        "tokenizer_name_or_path": str(REPO / "data" / "tokenizer"),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
+        "output_dir": str(directory / "out"),
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+        "max_steps": 6,
+        "save_steps": 2,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 6-step run with sealed checkpoints 2, 4 and 6 (copy it before changing it)."""
+    directory = tmp_path_factory.mktemp("trained")
+    sft.main(["--config", str(write_recipe(directory))])
+    return directory
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    write_recipe(tmp_path)  # the same recipe, pointing into the copy
+    return tmp_path
+
+
+def resume_true(output_dir: Path) -> str | None:
+    return resolve_resume(SimpleNamespace(resume_from_checkpoint="true", output_dir=str(output_dir)))
+
+
+def flip_a_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_rotation_deletes_an_old_checkpoint_only_after_the_new_one_is_sealed(tmp_path, monkeypatch):
+    present_at_seal = []
+    seal = checkpointing.seal_checkpoint
+
+    def recording_seal(folder):
+        sealed = [p.name for p in checkpointing.list_checkpoints(Path(folder).parent) if checkpointing.is_sealed(p)]
+        present_at_seal.append((Path(folder).name, sealed))
+        return seal(folder)
+
+    monkeypatch.setattr(checkpointing, "seal_checkpoint", recording_seal)
+    sft.main(["--config", str(write_recipe(tmp_path, save_total_limit=1))])
+    assert present_at_seal == [
+        ("checkpoint-2", []),
+        ("checkpoint-4", ["checkpoint-2"]),
+        ("checkpoint-6", ["checkpoint-4"]),
+    ]
+    out = tmp_path / "out"
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-6"]
+    manifest = json.loads((out / "checkpoint-6" / MANIFEST).read_text())
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        manifest["files"]
+    )
+    assert checkpoint_problem(out / "checkpoint-6") is None
+
+
+def test_resume_true_skips_incomplete_and_damaged_checkpoints(run_copy, caplog):
+    out = run_copy / "out"
+    assert resume_true(out) == str(out / "checkpoint-6")
+
+    (out / "checkpoint-6" / MANIFEST).unlink()
+    flip_a_byte(out / "checkpoint-4" / "model.safetensors")
+    with caplog.at_level("WARNING", logger="minimind_hf"):
+        assert resume_true(out) == str(out / "checkpoint-2")
+    assert f"skipping {out / 'checkpoint-6'}: incomplete" in caplog.text
+    assert f"skipping {out / 'checkpoint-4'}: model.safetensors does not match its SHA-256" in caplog.text
+
+    with pytest.raises(RecipeError, match="checkpoint-4: model.safetensors does not match its SHA-256"):
+        resolve_resume(SimpleNamespace(resume_from_checkpoint=str(out / "checkpoint-4"), output_dir=str(out)))
+
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(RecipeError, match="no intact checkpoint in .*checkpoint-4: .*checkpoint-2: optimizer.pt has 0"):
+        resume_true(out)
+
+
+def test_a_given_unsealed_checkpoint_is_checked_by_its_file_structure(run_copy, caplog):
+    checkpoint = run_copy / "out" / "checkpoint-4"
+    (checkpoint / MANIFEST).unlink()
+    with caplog.at_level("WARNING", logger="minimind_hf"):
+        assert resolve_resume(SimpleNamespace(resume_from_checkpoint=str(checkpoint), output_dir="")) == str(checkpoint)
+    assert "its files look whole" in caplog.text
+
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RecipeError, match="model.safetensors is not a readable safetensors file"):
+        resolve_resume(SimpleNamespace(resume_from_checkpoint=str(checkpoint), output_dir=""))
+
+
+def test_resuming_the_final_checkpoint_trains_no_extra_step(run_copy):
+    out = run_copy / "out"
+    (out / "model.safetensors").unlink()  # as if killed during the final save
+    sft.main(["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", "true"])
+    final, last = load_file(out / "model.safetensors"), load_file(out / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in last)
+    assert not (out / "checkpoint-7").exists()
+
+
+def test_a_leftover_directory_of_the_same_step_is_replaced_not_mixed_into(tmp_path):
+    leftover = tmp_path / "out" / "checkpoint-2"
+    leftover.mkdir(parents=True)
+    (leftover / "stale.bin").write_bytes(b"from an interrupted save")
+    sft.main(["--config", str(write_recipe(tmp_path, max_steps=2))])
+    assert not (leftover / "stale.bin").exists()
+    assert checkpoint_problem(leftover) is None
+
+
+def test_rotation_counts_only_sealed_checkpoints_and_keeps_the_newest_and_the_kept(tmp_path):
+    for step in (2, 4, 6, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        if step != 8:
+            seal_checkpoint(folder)
+    assert rotate_complete_checkpoints(tmp_path, 1, keep=[tmp_path / "checkpoint-2"]) == [tmp_path / "checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+    assert rotate_complete_checkpoints(tmp_path, None) == []
+
+
+class Payload:
+    """Unpickling this creates a directory: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_resume_never_unpickles_code_from_a_checkpoint(run_copy, name):
+    checkpoint = run_copy / "out" / "checkpoint-4"
+    marker = run_copy / "code_ran"
+    torch.save({"state": Payload(marker)}, checkpoint / name)
+    seal_checkpoint(checkpoint)  # even with a matching manifest
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        sft.main(["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", str(checkpoint)])
+    assert not marker.exists()
+
+
+def test_training_args_bin_is_never_loaded_on_resume(run_copy):
+    checkpoint = run_copy / "out" / "checkpoint-6"
+    marker = run_copy / "code_ran"
+    torch.save(Payload(marker), checkpoint / "training_args.bin")
+    seal_checkpoint(checkpoint)
+    sft.main(["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", str(checkpoint)])
+    assert not marker.exists()

@@ -1,0 +1,196 @@
+"""Broken or hostile input stops the SFT recipe before training, with a message naming the problem, and leaves the
+output directory (an earlier run's model and checkpoint) byte for byte as it was."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minimind_hf import MiniMindConfig, MiniMindForCausalLM
+from minimind_hf.checkpointing import MANIFEST
+from minimind_hf.convert import save_pth
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import sft  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
+GOOD = [
+    {"conversations": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
+    for i in range(8)
+]
+GOOD_LINES = "".join(json.dumps(row) + "\n" for row in GOOD)
+
+
+def jsonl(*extra: str | dict) -> bytes:
+    """Eight good lines, then `extra` (a dict is one JSON line; a string is written as is)."""
+    tail = "".join(json.dumps(e) + "\n" if isinstance(e, dict) else e for e in extra)
+    return (GOOD_LINES + tail).encode()
+
+
+def write_recipe(directory: Path, **overrides) -> Path:
+    recipe = {
+        "data_path": str(directory / "sft.jsonl"),
+        "tokenizer_name_or_path": str(REPO / "data" / "tokenizer"),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
+        "output_dir": str(directory / "out"),
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+        "max_steps": 2,
+        "save_steps": 2,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory) -> Path:
+    """An output directory holding a finished run: final model and a sealed checkpoint-2."""
+    directory = tmp_path_factory.mktemp("earlier")
+    (directory / "sft.jsonl").write_bytes(jsonl())
+    sft.main(["--config", str(write_recipe(directory))])
+    return directory / "out"
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.fixture
+def case_dir(tmp_path, earlier_run) -> Path:
+    shutil.copytree(earlier_run, tmp_path / "out")
+    (tmp_path / "sft.jsonl").write_bytes(jsonl())
+    return tmp_path
+
+
+def corrupt_model_dir(tmp_path: Path, earlier_run: Path) -> dict:
+    model = tmp_path / "model"
+    shutil.copytree(earlier_run, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (model / "model.safetensors").write_bytes(b"\0" * 100)
+    return {"model_name_or_path": str(model)}
+
+
+def mismatched_pth(tmp_path: Path, earlier_run: Path) -> dict:
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return {"model_name_or_path": str(save_pth(MiniMindForCausalLM(config), tmp_path / "full_sft_64.pth"))}
+
+
+def damaged_checkpoint(tmp_path: Path, earlier_run: Path) -> dict:
+    weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return {"resume_from_checkpoint": str(weights.parent)}
+
+
+def truncated_checkpoint(tmp_path: Path, earlier_run: Path) -> dict:
+    weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    return {"resume_from_checkpoint": "true"}
+
+
+def checkpoint_of_other_sizes(tmp_path: Path, earlier_run: Path) -> dict:
+    return {"hidden_size": 64, "resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-2")}
+
+
+def deleted_data(tmp_path: Path, earlier_run: Path) -> dict:
+    (tmp_path / "sft.jsonl").unlink()
+    return {"resume_from_checkpoint": "true"}
+
+
+def data_dir(tmp_path: Path, earlier_run: Path) -> dict:
+    (tmp_path / "data_dir").mkdir()
+    return {"data_path": str(tmp_path / "data_dir")}
+
+
+TEN_MB_TURN = {
+    "conversations": [{"role": "user", "content": "word " * 2_000_000}, {"role": "assistant", "content": "ok"}]
+}
+# (data bytes or None, recipe overrides or a function (tmp_path, earlier_run) -> overrides, message pattern)
+CASES = {
+    "malformed JSON": (jsonl('{"conversations": [\n'), {}, r"sft.jsonl:9: not JSON"),
+    "truncated last line": (jsonl('{"conversations": [{"role": "us'), {}, r"sft.jsonl:9: truncated last line"),
+    "invalid UTF-8": (GOOD_LINES.encode() + b'{"conversations": "\xff\xfe"}\n', {}, r"sft.jsonl:9: invalid UTF-8"),
+    "empty file": (b"", {}, r"sft.jsonl: empty file"),
+    "no assistant turn": (jsonl({"conversations": [{"role": "user", "content": "hi"}]}), {}, r":9: no assistant turn"),
+    "roles out of order": (
+        jsonl({"conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}),
+        {},
+        r":9: message 0 is 'assistant' where 'user' was expected",
+    ),
+    "non-string content": (
+        jsonl({"conversations": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}),
+        {},
+        r":9: message 0 content is of type int, not a string",
+    ),
+    "10 MB line": (jsonl(TEN_MB_TURN), {}, r"sft.jsonl:9: no supervised token within max_length=64"),
+    "data path is a directory": (None, data_dir, r"data_dir: is a directory"),
+    "data file deleted before resume": (None, deleted_data, r"sft.jsonl: no such file"),
+    "learning_rate: fast": (None, {"learning_rate": "fast"}, r"--learning_rate.*invalid float value: 'fast'"),
+    "hidden_size: -8": (None, {"hidden_size": -8}, r"hidden_size must be positive, got -8"),
+    "num_hidden_layers: 0": (None, {"num_hidden_layers": 0}, r"num_hidden_layers must be positive, got 0"),
+    "hidden_size not divisible by heads": (
+        None,
+        {"hidden_size": 30},
+        r"hidden_size \(30\) must be divisible by num_attention_heads \(4\)",
+    ),
+    ".pth of other sizes": (None, mismatched_pth, r"embed_tokens.weight has shape \(6400, 64\) but the config expects"),
+    "corrupt safetensors model dir": (None, corrupt_model_dir, r"model_name_or_path .*model: cannot load the model"),
+    "damaged checkpoint to resume": (None, damaged_checkpoint, r"model.safetensors does not match its SHA-256"),
+    "checkpoint of other sizes": (
+        None,
+        checkpoint_of_other_sizes,
+        r"hidden_size=32 but the recipe builds hidden_size=64",
+    ),
+    "truncated checkpoint, resume true": (
+        None,
+        truncated_checkpoint,
+        r"no intact checkpoint in .*model.safetensors has",
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "overrides", "message"), CASES.values(), ids=CASES.keys())
+def test_bad_input_fails_before_training_and_leaves_output_dir_alone(
+    case_dir, earlier_run, capsys, data, overrides, message
+):
+    if data is not None:
+        (case_dir / "sft.jsonl").write_bytes(data)
+    if callable(overrides):
+        overrides = overrides(case_dir, earlier_run)
+    before = snapshot(case_dir / "out")
+    with pytest.raises((Exception, SystemExit)) as raised:
+        sft.main(["--config", str(write_recipe(case_dir, **overrides))])
+    text = f"{raised.value}\n{capsys.readouterr().err}"  # argparse prints its message and exits
+    assert re.search(message, text), text[-2000:]
+    assert snapshot(case_dir / "out") == before, "output_dir changed"
+
+
+def test_the_command_line_exits_non_zero_with_the_message(case_dir):
+    (case_dir / "sft.jsonl").write_bytes(jsonl("not json\n"))
+    before = snapshot(case_dir / "out")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
+    cmd = [sys.executable, "recipes/sft.py", "--config", str(write_recipe(case_dir))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode != 0
+    assert "sft.jsonl:9: not JSON" in done.stderr.strip().splitlines()[-1]
+    assert snapshot(case_dir / "out") == before
+    assert (case_dir / "out" / "checkpoint-2" / MANIFEST).is_file()
