@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -114,7 +115,7 @@ def load_pth(
     return model.to(dtype)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: a crash leaves no torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -135,7 +136,7 @@ def save_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> Path:
     if model.config.tie_word_embeddings:
         state[_TIED[0]] = state[_TIED[1]]
     path = Path(path)
-    _atomic_write(path, lambda handle: torch.save(state, handle))
+    atomic_write(path, lambda handle: torch.save(state, handle))
     return path
 
 

@@ -30,6 +30,7 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger("minimind_hf")
 
 SWANLAB_RUN_FILE = "swanlab_run_id.txt"
+SWANLAB_SETTINGS: dict[str, Any] = {"terminal": {"proxy_type": "none"}}
 
 # Where the project's defaults differ from SFTConfig's: MiniMind's schedule (cosine to 10% of the peak, no
 # warm-up), no gradient checkpointing (it only slows a model this small), bf16 autocast on CPU as well.
@@ -41,6 +42,7 @@ PROJECT_DEFAULTS: dict[str, Any] = {
     "bf16": True,
     "use_cpu": not torch.cuda.is_available(),
     "max_grad_norm": 1.0,
+    "weight_decay": 0.01,  # torch.optim.AdamW's default, which the original trains with
     "max_length": 512,
     "packing": True,
     "report_to": "none",
@@ -305,6 +307,7 @@ def start_swanlab(args: MiniMindArguments, training_args: SFTConfig, resume_from
             logdir=os.environ.get("SWANLAB_LOG_DIR", str(Path(training_args.output_dir) / "swanlog")),
             id=run_id,
             resume="allow" if run_id else None,
+            settings=swanlab.Settings(**SWANLAB_SETTINGS),
         )
     return [SwanLabCallback()]
 

@@ -36,3 +36,8 @@ def datasets_cache(tmp_path_factory) -> Path:
 def project_tokenizer_dir() -> Path:
     """The tokenizer trained on the sample data by data/make_data.py."""
     return REPO_ROOT / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(project_tokenizer_dir) -> Path:
+    return project_tokenizer_dir

@@ -19,13 +19,6 @@ PROMPTS = ["A duck goes what?", "煤通常是什么颜色？", "hello there, how
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(request) -> Path:
-    if (REPO / "data" / "tokenizer" / "tokenizer.json").is_file():
-        return REPO / "data" / "tokenizer"
-    return request.getfixturevalue("shared_fixtures") / "minimind_tokenizer"
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer_dir) -> dict:
     """A tiny model (weights rounded to fp16, so its .pth twin is the same model) as an HF dir and a .pth."""
     torch.manual_seed(0)

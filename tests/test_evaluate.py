@@ -42,13 +42,6 @@ def write_eval(path: Path, rows=ROWS) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(request) -> Path:
-    if (REPO / "data" / "tokenizer" / "tokenizer.json").is_file():
-        return REPO / "data" / "tokenizer"
-    return request.getfixturevalue("shared_fixtures") / "minimind_tokenizer"
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer_dir) -> Path:
     torch.manual_seed(0)
     # A wide initialisation, so that greedy predictions differ between rows (and batching could show).
