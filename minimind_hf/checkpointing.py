@@ -13,7 +13,6 @@ sealed. A directory without a manifest is what an interrupted save leaves behind
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -24,7 +23,6 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .convert import atomic_write
@@ -320,13 +318,3 @@ class AtomicCheckpointMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         check_checkpoint_fits(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model).config)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-
-@functools.cache
-def with_atomic_checkpoints(trainer_class: type[Trainer]) -> type[Trainer]:
-    """`trainer_class` with `AtomicCheckpointMixin` in front (one class per trainer class)."""
-    return type(
-        trainer_class.__name__,
-        (AtomicCheckpointMixin, trainer_class),
-        {"__module__": trainer_class.__module__, "__doc__": trainer_class.__doc__},
-    )

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .checkpointing import CheckpointError, check_resumable, last_complete_checkpoint, with_atomic_checkpoints
+from .checkpointing import AtomicCheckpointMixin, CheckpointError, check_resumable, last_complete_checkpoint
 from .configuration_minimind import MiniMindConfig
 from .convert import build_config, load_pth, parse_overrides, pth_name, save_pth
 from .data import DataError
@@ -202,11 +202,12 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
-class MiniMindTrainer(SFTTrainer):
+class MiniMindTrainer(AtomicCheckpointMixin, SFTTrainer):
     """`SFTTrainer` whose loss is the model's own: the causal-LM loss plus, for MoE, MiniMind's balance loss.
 
     TRL's fused LM head would drop the MoE loss (it knows only Mixtral's), and its entropy and accuracy metrics
     cost a pass over the vocabulary on every step. The language-model and balance losses are logged apart.
+    Checkpoints are sealed when complete (`AtomicCheckpointMixin`).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -319,7 +320,7 @@ def build_trainer(
     train_dataset,
     eval_dataset=None,
 ) -> MiniMindTrainer:
-    trainer = with_atomic_checkpoints(MiniMindTrainer)(
+    trainer = MiniMindTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -196,7 +196,7 @@ def test_benchmark_smoke_run_writes_the_figures(tmp_path):
     out = tmp_path / "throughput.json"
     command = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--hidden_size", "64",
                "--num_hidden_layers", "2", "--max_length", "128", "--batch_size", "4", "--samples", "80",
-               "--eval_samples", "8", "--peak_size", "256", "--configs", "baseline,recipe",
+               "--eval_samples", "8", "--peak_size", "1024", "--configs", "baseline,recipe",
                "--work_dir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
