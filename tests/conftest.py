@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SWANLAB_MODE", "disabled")
@@ -41,3 +42,27 @@ def project_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(project_tokenizer_dir) -> Path:
     return project_tokenizer_dir
+
+
+def write_tiny_recipe(directory: Path, **overrides) -> Path:
+    """`directory/recipe.yaml`: a 2-layer, 32-wide SFT recipe on `directory/sft.jsonl` that trains in seconds."""
+    recipe = {
+        "data_path": str(directory / "sft.jsonl"),
+        "tokenizer_name_or_path": str(REPO_ROOT / "data" / "tokenizer"),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
+        "output_dir": str(directory / "out"),
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+        "max_steps": 2,
+        "save_steps": 2,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf.checkpointing import MANIFEST
@@ -19,6 +18,7 @@ from minimind_hf.convert import save_pth
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import sft  # noqa: E402
+from conftest import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
@@ -36,26 +36,7 @@ def jsonl(*extra: str | dict) -> bytes:
 
 
 def write_recipe(directory: Path, **overrides) -> Path:
-    recipe = {
-        "data_path": str(directory / "sft.jsonl"),
-        "tokenizer_name_or_path": str(REPO / "data" / "tokenizer"),
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
-        "output_dir": str(directory / "out"),
-        "per_device_train_batch_size": 4,
-        "max_length": 64,
-        "max_steps": 2,
-        "save_steps": 2,
-        "learning_rate": 1e-3,
-        "bf16": False,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        **overrides,
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(directory, **overrides)
 
 
 @pytest.fixture(scope="module")
