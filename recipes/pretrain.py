@@ -8,11 +8,17 @@ is a target. Samples are packed into rows of `max_length` (no compute on padding
 predict, each other. The output directory is what the SFT recipe's `model_name_or_path` points at.
 """
 
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig
+
 from minimind_hf.data import load_pretrain_dataset, tokenize_pretrain
-from minimind_hf.training import run_cli, run_recipe
+from minimind_hf.training import MiniMindArguments, MiniMindTrainer, run_cli, run_recipe
 
 
-def load_datasets(args, training_args, tokenizer):
+def load_datasets(
+    args: MiniMindArguments, training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, Dataset | None]:
     def load(paths):
         texts = load_pretrain_dataset(paths, skip_invalid=args.skip_invalid)
         return tokenize_pretrain(texts, tokenizer, training_args.max_length)
@@ -20,7 +26,7 @@ def load_datasets(args, training_args, tokenizer):
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> MiniMindTrainer:
     defaults = {"assistant_only_loss": False, "pth_weight_name": "pretrain", "swanlab_project": "MiniMind-Pretrain"}
     return run_recipe(argv, load_datasets, defaults=defaults)
 

@@ -7,11 +7,17 @@ Every key of the YAML (and of `--key value` on the command line) belongs to `Min
 (minimind_hf/training.py) or to TRL's `SFTConfig`. All input is checked before any work starts.
 """
 
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig
+
 from minimind_hf.data import load_sft_dataset
-from minimind_hf.training import run_cli, run_recipe
+from minimind_hf.training import MiniMindArguments, MiniMindTrainer, run_cli, run_recipe
 
 
-def load_datasets(args, training_args, tokenizer):
+def load_datasets(
+    args: MiniMindArguments, training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, Dataset | None]:
     """Conversations as TRL's `messages`; TRL applies the chat template and the assistant-only mask."""
 
     def load(paths):
@@ -22,7 +28,7 @@ def load_datasets(args, training_args, tokenizer):
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> MiniMindTrainer:
     return run_recipe(argv, load_datasets, defaults={"assistant_only_loss": True})
 
 
