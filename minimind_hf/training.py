@@ -30,6 +30,8 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger("minimind_hf")
 
 SWANLAB_RUN_FILE = "swanlab_run_id.txt"
+# swanlab would otherwise copy the console into the run, i.e. every redraw of the Trainer's progress bar; the
+# metrics are what is logged.
 SWANLAB_SETTINGS: dict[str, Any] = {"terminal": {"proxy_type": "none"}}
 
 # Where the project's defaults differ from SFTConfig's: MiniMind's schedule (cosine to 10% of the peak, no

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,9 +116,9 @@ def test_resume_after_a_checkpoint_is_exact(tmp_path, accumulation):
     interrupted = write_recipe(tmp_path, "interrupted.yaml", output_dir=str(tmp_path / "interrupted"))
     sft.main(["--config", str(interrupted), "--gradient_accumulation_steps", str(accumulation)])
     out = tmp_path / "interrupted"
-    for lost in ["checkpoint-6", "model.safetensors", "config.json"]:
-        target = out / lost
-        subprocess.run(["rm", "-rf", str(target)], check=True)
+    shutil.rmtree(out / "checkpoint-6")
+    for lost in ["model.safetensors", "config.json"]:
+        (out / lost).unlink()
     sft.main(["--config", str(interrupted), "--gradient_accumulation_steps", str(accumulation),
               "--resume_from_checkpoint", "true"])  # fmt: skip
 
@@ -223,7 +224,7 @@ def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path, monkeypatch):
     assert answer.shape[1] > 4
 
     # Saved by 2 processes, resumed by 1: the optimizer step count (and so the LR schedule) carries on.
-    subprocess.run(["rm", "-rf", str(tmp_path / "out" / "checkpoint-3")], check=True)
+    shutil.rmtree(tmp_path / "out" / "checkpoint-3")
     steps_run = []
     original = training.build_trainer
 
@@ -243,7 +244,7 @@ def test_resumed_run_continues_the_same_swanlab_run(tmp_path, monkeypatch):
     sft.main(["--config", str(recipe)])
     out = tmp_path / "out"
     run_id = (out / "checkpoint-2" / "swanlab_run_id.txt").read_text()
-    subprocess.run(["rm", "-rf", str(out / "checkpoint-4")], check=True)
+    shutil.rmtree(out / "checkpoint-4")
     sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
     runs = sorted(p.name for p in (out / "swanlog").glob("run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
