@@ -11,46 +11,21 @@ Prompts are rendered with the tokenizer's chat template (generation prompt added
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
-from .convert import build_config, load_pth, parse_overrides
-from .tokenizer import EOS_TOKEN, load_tokenizer
+from .loading import DTYPES, add_model_arguments, load_from_args, load_model_and_tokenizer
+from .tokenizer import EOS_TOKEN
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model_and_tokenizer(
-    model_path: str | Path,
-    tokenizer_path: str | Path | None = None,
-    *,
-    dtype: str = "float32",
-    hidden_size: int = 512,
-    num_hidden_layers: int = 8,
-    use_moe: bool = False,
-    config_overrides: str = "",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An HF directory (its own tokenizer unless `tokenizer_path`), or a `.pth` file built with the given sizes.
-
-    The model comes back in eval mode; the sizes are only read for a `.pth`, which carries no config.
-    """
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        if not (model_path / "config.json").is_file():
-            raise FileNotFoundError(f"{model_path}: not an HF model directory (no config.json)")
-        if tokenizer_path is None and not (model_path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{model_path}: holds no tokenizer (tokenizer.json); pass --tokenizer DIR")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
-    elif model_path.is_file():
-        if tokenizer_path is None:
-            raise ValueError(f"{model_path}: a .pth carries no tokenizer; pass --tokenizer DIR")
-        config = build_config(hidden_size, num_hidden_layers, use_moe, parse_overrides(config_overrides))
-        model = load_pth(model_path, config, dtype=DTYPES[dtype])
-    else:
-        raise FileNotFoundError(f"{model_path}: no such model (an HF directory or an original .pth file)")
-    return model.eval(), load_tokenizer(tokenizer_path or model_path)
+__all__ = [
+    "DTYPES",
+    "add_model_arguments",
+    "generate_replies",
+    "generate_reply",
+    "load_from_args",
+    "load_model_and_tokenizer",
+]
 
 
 def build_messages(
@@ -107,37 +82,6 @@ def generate_reply(
 ) -> str:
     """The assistant's next message after `messages`; `sampling` as in `generate_replies` (`streamer` too)."""
     return generate_replies(model, tokenizer, [messages], **sampling)[0]
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that say where the model comes from (shared with `minimind_hf.evaluate`)."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="an HF model directory, or an original MiniMind .pth")
-    group.add_argument("--tokenizer", help="tokenizer directory (default: the model directory; required for .pth)")
-    group.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 is fast on recent CPUs too")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--hidden_size", type=int, default=512, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
-    group.add_argument("--num_hidden_layers", type=int, default=8, help=".pth only")
-    group.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help=".pth only")
-    group.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
-
-
-def load_from_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model,
-            args.tokenizer,
-            dtype=args.dtype,
-            hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_hidden_layers,
-            use_moe=bool(args.use_moe),
-            config_overrides=args.config_overrides,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(1, f"error: {err}\n")
-    return model.to(args.device), tokenizer
 
 
 def _chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:

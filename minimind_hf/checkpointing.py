@@ -19,13 +19,15 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
+from accelerate import PartialState
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-from .convert import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +91,30 @@ def _sha256(path: Path, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: a crash leaves no torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     atomic_write(path, lambda handle: handle.write(data))
     _fsync_dir(path.parent)
 
 
-def seal_checkpoint(folder: str | os.PathLike) -> Path:
+def seal_checkpoint(folder: str | os.PathLike, manifest_name: str = MANIFEST) -> Path:
     """Make every file of `folder` durable, then write its manifest: from now on it is a complete checkpoint."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != manifest_name)
     manifest = {
         "format": MANIFEST_FORMAT,
         "files": {
@@ -107,10 +124,10 @@ def seal_checkpoint(folder: str | os.PathLike) -> Path:
     }
     for directory in {p.parent for p in files} | {folder}:
         _fsync_dir(directory)
-    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _write_atomically(folder / manifest_name, json.dumps(manifest, indent=1).encode())
     # The checkpoint's own directory entry must be durable too, or a power cut can lose the whole checkpoint.
     _fsync_dir(folder.parent)
-    return folder / MANIFEST
+    return folder / manifest_name
 
 
 def checkpoint_problem(folder: str | os.PathLike, verify_contents: bool = True) -> str | None:
@@ -259,62 +276,119 @@ def check_checkpoint_fits(folder: str | os.PathLike, config) -> None:
             )
 
 
-class AtomicCheckpointMixin:
-    """`Trainer` mixin: checkpoints are sealed when complete, rotated only after that, and checked on resume.
+def training_finished(checkpoint: str | os.PathLike) -> bool:
+    """Whether the run that wrote `checkpoint` had reached its last step (a crash during the final save).
 
-    Overrides `_save_checkpoint` because the library rotates at the end of it, before any hook could seal the new
-    checkpoint: a crash there would leave only an unsealed checkpoint. Its own rotation is switched off for the
-    call and done here after the seal. A failed save (a full disk) becomes a `CheckpointError` that says what is
-    left. `_load_from_checkpoint` refuses a checkpoint of other sizes by name, and `_run_epoch` keeps a run
-    resumed from its final checkpoint from training a step past `max_steps`.
+    transformers checks `max_steps` only after a step, so resuming from such a checkpoint would train one step
+    too many; the recipe publishes the checkpoint's weights instead of training.
+    """
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def interrupted_save(output_dir: str | os.PathLike, step: int) -> Path | None:
+    """The checkpoint of `step` when its save started but was not sealed (the save failed midway), else None."""
+    folder = Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    return folder if folder.is_dir() and not is_sealed(folder) else None
+
+
+def save_failed(output_dir: str | os.PathLike, folder: Path, err: BaseException) -> CheckpointError:
+    """A failed checkpoint save (a full disk) as an error that says what is left and how to go on.
+
+    The partial checkpoint is deleted (best effort): it is useless, and on a full disk its space is what is missing.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    run_dir = Path(output_dir)
+    sealed = [f for f in list_checkpoints(run_dir) if is_sealed(f)]
+    last = f"the last complete checkpoint, {sealed[-1]}, is intact" if sealed else "there is no complete checkpoint yet"
+    free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.is_dir() else float("nan")
+    return CheckpointError(
+        f"could not write {folder}: {err}\n{free:.0f} MiB free on {run_dir}; {last}. Make room and rerun with "
+        "--resume_from_checkpoint true."
+    )
+
+
+class SealCheckpointCallback(TrainerCallback):
+    """Seals each checkpoint once the Trainer has written all of it, then rotates old ones (see the module doc).
+
+    The recipe hands this callback its `save_total_limit` and leaves the Trainer's own at None: the library
+    rotates inside its private `_save_checkpoint`, before any public hook runs, so its rotation could delete the
+    last sealed checkpoint while the new one is still unsealed. `extra_files(checkpoint)` writes files that belong
+    in the checkpoint (the logging run id) before the seal, so that the manifest covers them.
     """
 
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.exists():
-            # Left by an interrupted save, or by a run that went further before we resumed from an older
-            # checkpoint: saving over it in place would mix the files of two saves.
+    def __init__(self, save_total_limit: int | None = None, extra_files: Callable[[Path], None] | None = None):
+        self.save_total_limit = save_total_limit
+        self.extra_files = extra_files
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A directory of this step's name is left by an interrupted save, or by a run that went further before we
+        # resumed from an older checkpoint: saving over it in place would mix the files of two saves.
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if control.should_save and state.is_world_process_zero and folder.exists():
             logger.warning("replacing %s, left by an earlier run", folder)
             discard_checkpoint(folder)
-        self.accelerator.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                seal_checkpoint(folder)
-        except Exception as err:
-            raise self._save_failed(run_dir, folder, err) from err
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            rotate_complete_checkpoints(run_dir, limit, keep=[folder, self.state.best_model_checkpoint])
+        PartialState().wait_for_everyone()
 
-    def _save_failed(self, run_dir: Path, folder: Path, err: Exception) -> CheckpointError:
-        if self.args.should_save:
-            # Best effort: a partial checkpoint is useless, and on a full disk its space is what is missing.
-            shutil.rmtree(folder, ignore_errors=True)
-        sealed = [f for f in list_checkpoints(run_dir) if is_sealed(f)]
-        last = (
-            f"the last complete checkpoint, {sealed[-1]}, is intact"
-            if sealed
-            else "there is no complete checkpoint yet"
+    def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own RNG state: all must be done before the seal lists the files.
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if self.extra_files is not None:
+                self.extra_files(folder)
+            seal_checkpoint(folder)
+            rotate_complete_checkpoints(
+                args.output_dir, self.save_total_limit, keep=[folder, state.best_model_checkpoint]
+            )
+        PartialState().wait_for_everyone()
+
+
+FINAL_MANIFEST = "model_complete.json"
+_STAGING = ".final.partial"
+
+
+def final_save_problem(model_dir: str | os.PathLike) -> str | None:
+    """Why `model_dir` holds a torn final model (its final save was interrupted), or None."""
+    if (Path(model_dir) / _STAGING).exists():
+        return (
+            f"its final save was interrupted ({_STAGING} is left); rerun the recipe with "
+            "--resume_from_checkpoint true to finish it"
         )
-        free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.is_dir() else float("nan")
-        return CheckpointError(
-            f"could not write {folder}: {err}\n{free:.0f} MiB free on {run_dir}; {last}. Make room and rerun with "
-            "--resume_from_checkpoint true."
-        )
+    return None
 
-    def _run_epoch(self, *args, **kwargs) -> None:
-        # transformers checks `max_steps` only after a step: resumed from the final checkpoint (a crash during the
-        # final save), it would train one step too many instead of none.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
-            return
-        super()._run_epoch(*args, **kwargs)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        check_checkpoint_fits(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model).config)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+def begin_final(output_dir: str | os.PathLike) -> Path:
+    """Start the final save: an empty staging folder inside `output_dir` to write the final model into.
+
+    Writing goes there, `commit_final` then moves it into place, so that a crash never leaves a torn model that
+    looks whole: until the commit ends, the staging folder is left and `final_save_problem` says so.
+    """
+    staging = Path(output_dir) / _STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_final(output_dir: str | os.PathLike) -> None:
+    """Seal the staging folder, then move its files over those of `output_dir`, the manifest last.
+
+    Each file moves by one `os.replace`, so each is either the old or the new one, never torn; the manifest
+    `model_complete.json` and the removal of the staging folder mark the end.
+    """
+    output_dir = Path(output_dir)
+    staging = output_dir / _STAGING
+    seal_checkpoint(staging, manifest_name=FINAL_MANIFEST)
+    (output_dir / FINAL_MANIFEST).unlink(missing_ok=True)
+    names = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file() and p.name != FINAL_MANIFEST)
+    for name in names:
+        (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, output_dir / name)
+    os.replace(staging / FINAL_MANIFEST, output_dir / FINAL_MANIFEST)
+    _fsync_dir(output_dir)
+    shutil.rmtree(staging)
+    _fsync_dir(output_dir)

@@ -13,14 +13,13 @@ A `.pth` carries no config, so its sizes come from the command line, as in MiniM
 import argparse
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .checkpointing import atomic_write
 from .configuration_minimind import MiniMindConfig
 from .modeling_minimind import MiniMindForCausalLM
 
@@ -115,21 +114,6 @@ def load_pth(
     return model.to(dtype)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: a crash leaves no torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> Path:
     """Save in MiniMind's format: flat fp16 state dict with both tied names, written atomically."""
     state = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
@@ -182,6 +166,63 @@ def to_llama(model: MiniMindForCausalLM, out_dir: str | os.PathLike) -> LlamaFor
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
     return llama
+
+
+def minimind_config_from_llama(llama: LlamaConfig, source: str = "the Llama checkpoint") -> MiniMindConfig:
+    """The dense `MiniMindConfig` that computes exactly what `llama` computes; a `ValueError` naming the field
+    when MiniMind cannot represent it (biases, another activation, rope scaling, another head size)."""
+    rope = dict(llama.rope_parameters or {})
+    refusals = {
+        "attention_bias": (bool(getattr(llama, "attention_bias", False)), "MiniMind's attention has no biases"),
+        "mlp_bias": (bool(getattr(llama, "mlp_bias", False)), "MiniMind's MLP has no biases"),
+        "hidden_act": (llama.hidden_act != "silu", f"MiniMind uses silu, not {llama.hidden_act!r}"),
+        "rope_parameters.rope_type": (
+            rope.get("rope_type", "default") != "default",
+            f"MiniMind trains with plain RoPE, not {rope.get('rope_type')!r} scaling",
+        ),
+        "head_dim": (
+            getattr(llama, "head_dim", None) not in (None, llama.hidden_size // llama.num_attention_heads),
+            "MiniMind's head size is hidden_size / num_attention_heads",
+        ),
+    }
+    for name, (refused, why) in refusals.items():
+        if refused:
+            raise ValueError(f"{source}: {name} cannot be represented by MiniMind ({why})")
+    return MiniMindConfig(
+        vocab_size=llama.vocab_size,
+        hidden_size=llama.hidden_size,
+        intermediate_size=llama.intermediate_size,
+        num_hidden_layers=llama.num_hidden_layers,
+        num_attention_heads=llama.num_attention_heads,
+        num_key_value_heads=llama.num_key_value_heads or llama.num_attention_heads,
+        max_position_embeddings=llama.max_position_embeddings,
+        rms_norm_eps=llama.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)},
+        dropout=float(getattr(llama, "attention_dropout", 0.0) or 0.0),
+        pad_token_id=llama.pad_token_id,
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def from_llama(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MiniMindForCausalLM:
+    """A `LlamaForCausalLM` directory (MiniMind's own Llama export, or ours) as a dense MiniMind model.
+
+    MiniMind ties its LM head to the embedding: an untied head is accepted only when it equals the embedding.
+    """
+    llama = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = minimind_config_from_llama(llama.config, str(model_dir))
+    state = llama.state_dict()
+    if not torch.equal(state[_TIED[0]], state[_TIED[1]]):
+        raise ValueError(
+            f"{model_dir}: tie_word_embeddings is false and lm_head.weight differs from the embedding; MiniMind "
+            "ties them, so this head cannot be represented"
+        )
+    model = MiniMindForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    model.generation_config = llama.generation_config
+    return model.to(dtype)
 
 
 def _copy_tokenizer(tokenizer_dir: str | None, out_dir: str | os.PathLike) -> None:

@@ -1,29 +1,54 @@
-"""What the training recipes share: arguments, model source, collator, trainer, resume and final save.
+"""The recipe core: one lifecycle for every training stage (pretrain, SFT, LoRA, DPO, GRPO, reasoning SFT).
 
-A recipe (`recipes/sft.py`, `recipes/pretrain.py`) is `parse_recipe` + a dataset + `build_trainer` + `run`.
-Everything is TRL's `SFTTrainer` and transformers' `Trainer`; this module adds only MiniMind's specifics.
+    parse the recipe -> check everything -> seed -> load the model -> build the stage's trainer -> train
+    -> save the final model
+
+`run_recipe(stage, argv)` owns that lifecycle. A `Stage` supplies only what differs: its config dataclass (TRL's
+`SFTConfig`, `DPOConfig`, ...) plus the project's keys, how data files become datasets, and how its trainer is
+built. A recipe script (`recipes/sft.py`) is a `Stage` and one call. What every trainer gets (sealed
+checkpoints, the swanlab run id) is a `TrainerCallback`, so it works unchanged on any TRL trainer.
 """
 
 import difflib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from accelerate import PartialState
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .checkpointing import AtomicCheckpointMixin, CheckpointError, check_resumable, last_complete_checkpoint
-from .configuration_minimind import MiniMindConfig
-from .convert import build_config, load_pth, parse_overrides, pth_name, save_pth
+from .checkpointing import (
+    CheckpointError,
+    SealCheckpointCallback,
+    begin_final,
+    check_checkpoint_fits,
+    check_resumable,
+    commit_final,
+    interrupted_save,
+    last_complete_checkpoint,
+    save_failed,
+    training_finished,
+)
+from .convert import pth_name, save_pth
 from .data import DataError
+from .loading import ModelSourceError, tokenizer_source
+from .loading import load_model as load_any_model
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
 
@@ -40,7 +65,7 @@ PROJECT_DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": "cosine_with_min_lr",
     "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
     "warmup_steps": 0,
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "bf16": True,
     "use_cpu": not torch.cuda.is_available(),
     "max_grad_norm": 1.0,
@@ -52,6 +77,9 @@ PROJECT_DEFAULTS: dict[str, Any] = {
     "save_only_model": False,
     "seed": 42,
     "dataset_num_proc": None,
+    # Every parameter gets a gradient on every step (MoE experts run on empty batches too), so DDP need not
+    # search for unused ones.
+    "ddp_find_unused_parameters": False,
 }
 
 
@@ -76,6 +104,13 @@ class MiniMindArguments:
     config_overrides: str = field(default="", metadata={"help": 'other config fields, "num_attention_heads=4,..."'})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     skip_invalid: bool = field(default=False, metadata={"help": "skip (and count) invalid data lines"})
+    error_on_unsupervised: bool = field(
+        default=False,
+        metadata={
+            "help": "a conversation with no supervised token within max_length is an error (default: dropped, "
+            "counted and named in the log, as the original trains on it with zero loss)"
+        },
+    )
     save_pth: bool = field(default=False, metadata={"help": "also write the original .pth next to the HF model"})
     pth_weight_name: str = field(default="full_sft", metadata={"help": "MiniMind's --save_weight: the .pth prefix"})
     swanlab_project: str = field(default="MiniMind-Full-SFT", metadata={"help": "swanlab project name"})
@@ -136,38 +171,18 @@ def parse_recipe(
 
 
 def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
-    """The model the recipe starts from: an HF directory, an original `.pth`, or a fresh one from the sizes."""
-    overrides = parse_overrides(args.config_overrides)
-    sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers, "use_moe": args.use_moe}
-    source = args.model_name_or_path
-    if source is not None and Path(source).is_dir():
-        if not (Path(source) / "config.json").is_file():
-            raise RecipeError(f"model_name_or_path {source} is a directory without config.json")
-        config = MiniMindConfig.from_pretrained(source)
-        for key, value in {**sizes, **overrides}.items():
-            if value is not None and getattr(config, key, value) != value:
-                raise RecipeError(
-                    f"the recipe says {key}={value} but the checkpoint {source} has {key}={getattr(config, key)}"
-                )
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch.float32, attn_implementation=args.attn_implementation
-            )
-        except (OSError, ValueError, SafetensorError) as err:
-            raise RecipeError(f"model_name_or_path {source}: cannot load the model ({err})") from err
-    config = build_config(
-        hidden_size=512 if args.hidden_size is None else args.hidden_size,
-        num_hidden_layers=8 if args.num_hidden_layers is None else args.num_hidden_layers,
-        use_moe=bool(args.use_moe),
-        overrides=overrides,
-    )
-    config._attn_implementation = args.attn_implementation
-    if source is None:
-        return MiniMindForCausalLM(config)
-    if not Path(source).is_file():
-        raise RecipeError(f"model_name_or_path {source} does not exist (an HF directory or a .pth file)")
+    """The model the recipe starts from, in any form `minimind_hf.loading` knows (or a fresh one of the sizes)."""
     try:
-        return load_pth(source, config)
+        return load_any_model(
+            args.model_name_or_path,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            use_moe=args.use_moe,
+            config_overrides=args.config_overrides,
+            attn_implementation=args.attn_implementation,
+        )
+    except ModelSourceError as err:
+        raise RecipeError(f"model_name_or_path {err}") from err
     except ValueError as err:
         raise RecipeError(str(err)) from err
 
@@ -204,12 +219,11 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
-class MiniMindTrainer(AtomicCheckpointMixin, SFTTrainer):
+class MiniMindTrainer(SFTTrainer):
     """`SFTTrainer` whose loss is the model's own: the causal-LM loss plus, for MoE, MiniMind's balance loss.
 
     TRL's fused LM head would drop the MoE loss (it knows only Mixtral's), and its entropy and accuracy metrics
     cost a pass over the vocabulary on every step. The language-model and balance losses are logged apart.
-    Checkpoints are sealed when complete (`AtomicCheckpointMixin`).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -252,22 +266,16 @@ class MiniMindTrainer(AtomicCheckpointMixin, SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class SwanLabRunIdCallback(TrainerCallback):
-    """Keeps the swanlab run id inside each checkpoint, so that a resumed run continues the same swanlab run."""
+def write_swanlab_run_id(checkpoint: Path) -> None:
+    """Keep the swanlab run id inside a checkpoint, so that a resumed run continues the same swanlab run."""
+    try:
+        import swanlab
 
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        try:
-            import swanlab
-
-            run = swanlab.get_run()
-        except Exception:
-            run = None
-        if run is not None:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
-                (checkpoint / SWANLAB_RUN_FILE).write_text(run.id)
+        run = swanlab.get_run()
+    except Exception:
+        run = None
+    if run is not None and checkpoint.is_dir():
+        (checkpoint / SWANLAB_RUN_FILE).write_text(run.id)
 
 
 def resolve_resume(training_args: SFTConfig) -> str | None:
@@ -315,20 +323,23 @@ def start_swanlab(args: MiniMindArguments, training_args: SFTConfig, resume_from
     return [SwanLabCallback()]
 
 
-def build_trainer(
+def build_sft_trainer(
     model: MiniMindForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     training_args: SFTConfig,
     train_dataset,
     eval_dataset=None,
+    callbacks: Sequence[TrainerCallback] = (),
+    args: MiniMindArguments | None = None,
 ) -> MiniMindTrainer:
+    """TRL's `SFTTrainer` with MiniMind's loss and packed rows (pretraining and SFT)."""
     trainer = MiniMindTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[SwanLabRunIdCallback()],
+        callbacks=list(callbacks),
     )
     # SFTTrainer refuses a custom collator next to its bfd packing, whose dataset preparation we do want; the
     # collator only decides how packed samples become a batch, so it is swapped in afterwards.
@@ -336,10 +347,31 @@ def build_trainer(
     return trainer
 
 
-def save_final(trainer: MiniMindTrainer, args: MiniMindArguments, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The output directory becomes an HF model (with tokenizer) that generates until `<|im_end|>`."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.generation_config = GenerationConfig(
+# Kept under its old name: benchmarks and tests build the SFT trainer directly.
+build_trainer = build_sft_trainer
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one training stage adds to the shared lifecycle of `run_recipe`.
+
+    `config_class` is the TRL config (`SFTConfig`, `DPOConfig`, ...), `arguments_class` the project's keys
+    (`MiniMindArguments` or a subclass with the stage's own), `defaults` what the stage changes in both.
+    `load_datasets(args, training_args, tokenizer)` returns (train, eval or None), validated; `build_trainer` has
+    `build_sft_trainer`'s signature.
+    """
+
+    name: str
+    load_datasets: Callable[[Any, Any, PreTrainedTokenizerBase], tuple]
+    config_class: type[TrainingArguments] = SFTConfig
+    arguments_class: type = MiniMindArguments
+    build_trainer: Callable[..., Trainer] = build_sft_trainer
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """How a trained model generates by default: until `<|im_end|>`, sampling as MiniMind's chat does."""
+    return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -348,45 +380,91 @@ def save_final(trainer: MiniMindTrainer, args: MiniMindArguments, tokenizer: Pre
         top_p=0.85,
         max_new_tokens=512,
     )
-    trainer.save_model(trainer.args.output_dir)
-    # The run's log history next to the model: what `python -m minimind_hf.plot DIR` draws.
-    trainer.save_state()
+
+
+def save_final(trainer: Trainer, args: MiniMindArguments, tokenizer: PreTrainedTokenizerBase) -> None:
+    """`output_dir` becomes an HF model with its tokenizer (the Trainer saves its processing class), a
+    generation config that stops at `<|im_end|>` and the run's log history (`python -m minimind_hf.plot DIR`).
+
+    The save goes to a staging folder first and is then moved into place (`checkpointing.commit_final`), so a
+    crash leaves either the old model or a save that says it is incomplete, never a torn one that looks whole.
+    """
+    output_dir = trainer.args.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.generation_config = generation_config(tokenizer)
+    state = PartialState()
+    staging = begin_final(output_dir) if state.is_main_process else None
+    state.wait_for_everyone()
+    staging = Path(output_dir) / ".final.partial" if staging is None else staging
+    trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(trainer.args.output_dir)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
         if args.save_pth:
-            path = save_pth(model, Path(trainer.args.output_dir) / pth_name(args.pth_weight_name, model.config))
-            logger.info("wrote %s", path)
+            logger.info("wrote %s", save_pth(model, staging / pth_name(args.pth_weight_name, model.config)))
+        commit_final(output_dir)
+    state.wait_for_everyone()
 
 
 def tokenizer_path(args: MiniMindArguments) -> str:
-    """The recipe's tokenizer, else the model directory's own, else the project's shipped one."""
+    """The recipe's tokenizer, else the model source's own, else the project's shipped one."""
     if args.tokenizer_name_or_path:
         return args.tokenizer_name_or_path
-    model_dir = Path(args.model_name_or_path or "")
-    if args.model_name_or_path and (model_dir / "tokenizer_config.json").is_file():
-        return str(model_dir)
-    return "data/tokenizer"
+    try:
+        return tokenizer_source(args.model_name_or_path) or "data/tokenizer"
+    except ModelSourceError as err:
+        raise RecipeError(f"model_name_or_path {err}") from err
 
 
 def run_recipe(
-    argv: list[str] | None,
-    load_datasets: Callable[[MiniMindArguments, SFTConfig, PreTrainedTokenizerBase], tuple],
-    defaults: dict[str, Any] | None = None,
-) -> MiniMindTrainer:
-    """A recipe's whole run. Everything that can be wrong with the input is checked before training starts,
-    and before anything is written to output_dir: recipe keys and types, tokenizer, data, model, resume point."""
-    args, training_args = parse_recipe(argv=argv, defaults=defaults)
-    tokenizer = load_tokenizer(tokenizer_path(args))
-    train_dataset, eval_dataset = load_datasets(args, training_args, tokenizer)
-    model = load_model(args)
+    stage: Stage,
+    argv: list[str] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    before_train: Callable[[Trainer], None] | None = None,
+) -> Trainer:
+    """A recipe's whole run (see the module doc); returns the trainer after the final save.
+
+    Everything that can be wrong with the input is checked before training starts, and before anything is
+    written to output_dir: recipe keys and types, tokenizer, data, model, resume point. `callbacks` are added to
+    the trainer; `before_train(trainer)` sees it just before training (tests and the fault-injection harness).
+    """
+    args, training_args = parse_recipe((stage.arguments_class, stage.config_class), argv, stage.defaults)
     resume_from = resolve_resume(training_args)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path(args))
+    except OSError as err:
+        raise RecipeError(f"tokenizer {tokenizer_path(args)}: cannot load it ({err})") from err
+    train_dataset, eval_dataset = stage.load_datasets(args, training_args, tokenizer)
+    # The original seeds before it builds the model (`setup_seed(42 + rank)`): a fresh model's weights are part
+    # of what the seed decides. The Trainer seeds again in its constructor, which changes nothing here.
+    set_seed(training_args.seed)
+    model = load_model(args)
+    if resume_from is not None:
+        check_checkpoint_fits(resume_from, model.config)
+    finished = resume_from is not None and training_finished(resume_from)
+    if finished:
+        # Killed during its final save: publish the last checkpoint's weights, without training a step too many.
+        model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
     check_output_dir(training_args.output_dir)
     loggers = start_swanlab(args, training_args, resume_from)
 
-    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset)
-    for callback in loggers:
-        trainer.add_callback(callback)
-    trainer.train(resume_from_checkpoint=resume_from)
+    # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
+    sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
+    training_args.save_total_limit = None
+    trainer = stage.build_trainer(
+        model, tokenizer, training_args, train_dataset, eval_dataset, [sealing, *loggers, *callbacks], args
+    )
+    if before_train is not None:
+        before_train(trainer)
+    if finished:
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+    else:
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except Exception as err:
+            folder = interrupted_save(training_args.output_dir, trainer.state.global_step)
+            if folder is None or not trainer.is_world_process_zero():
+                raise
+            raise save_failed(training_args.output_dir, folder, err) from err
     save_final(trainer, args, tokenizer)
     if loggers and trainer.is_world_process_zero():
         import swanlab

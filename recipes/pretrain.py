@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
 from minimind_hf.data import load_pretrain_dataset, tokenize_pretrain
-from minimind_hf.training import MiniMindArguments, MiniMindTrainer, run_cli, run_recipe
+from minimind_hf.training import MiniMindArguments, Stage, run_cli, run_recipe
 
 
 def load_datasets(
@@ -26,9 +26,16 @@ def load_datasets(
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
 
 
-def main(argv: list[str] | None = None) -> MiniMindTrainer:
-    defaults = {"assistant_only_loss": False, "pth_weight_name": "pretrain", "swanlab_project": "MiniMind-Pretrain"}
-    return run_recipe(argv, load_datasets, defaults=defaults)
+PRETRAIN = Stage(
+    name="pretrain",
+    load_datasets=load_datasets,
+    defaults={"assistant_only_loss": False, "pth_weight_name": "pretrain", "swanlab_project": "MiniMind-Pretrain"},
+)
+
+
+def main(argv: list[str] | None = None, **hooks):
+    """`hooks`: `callbacks` and `before_train`, as `run_recipe` takes them."""
+    return run_recipe(PRETRAIN, argv, **hooks)
 
 
 if __name__ == "__main__":

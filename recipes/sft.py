@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
 from minimind_hf.data import load_sft_dataset
-from minimind_hf.training import MiniMindArguments, MiniMindTrainer, run_cli, run_recipe
+from minimind_hf.training import MiniMindArguments, Stage, run_cli, run_recipe
 
 
 def load_datasets(
@@ -28,8 +28,12 @@ def load_datasets(
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
 
 
-def main(argv: list[str] | None = None) -> MiniMindTrainer:
-    return run_recipe(argv, load_datasets, defaults={"assistant_only_loss": True})
+SFT = Stage(name="sft", load_datasets=load_datasets, defaults={"assistant_only_loss": True})
+
+
+def main(argv: list[str] | None = None, **hooks):
+    """`hooks`: `callbacks` and `before_train`, as `run_recipe` takes them."""
+    return run_recipe(SFT, argv, **hooks)
 
 
 if __name__ == "__main__":

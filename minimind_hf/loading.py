@@ -1,0 +1,204 @@
+"""One way to load a MiniMind model and its tokenizer, from every form in which MiniMind checkpoints circulate.
+
+Recipes, `chat`, `evaluate`, `serve` and `convert` all call `load_model` / `load_model_and_tokenizer`. The source
+is one of:
+
+- this project's HF directory (`model_type: minimind`, safetensors), or the original's own HF export
+  (`model_type: minimind` with the original's field names, `pytorch_model.bin` in fp16, written by
+  transformers 4.x): both load through `AutoModelForCausalLM`;
+- a Llama export (`model_type: llama`, how the dense MiniMind2 is published): converted by `convert.from_llama`,
+  which refuses what MiniMind cannot represent, naming the field;
+- a PEFT adapter directory (`adapter_config.json`): its base model, loaded by these same rules, with the adapter
+  merged in;
+- an original `.pth` file, with the sizes it was trained with (a `.pth` carries no config);
+- None: a fresh model of the given sizes.
+
+Conversions between formats live in `convert.py`; this module only chooses which one to use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from .checkpointing import final_save_problem
+from .configuration_minimind import MiniMindConfig
+from .convert import build_config, from_llama, load_pth, parse_overrides
+from .modeling_minimind import MiniMindForCausalLM
+from .tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_SIZES = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": False}
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be loaded; the message names it and what is wrong."""
+
+
+def source_kind(source: str | os.PathLike | None) -> str:
+    """ "fresh", "pth", "adapter", "llama" or "minimind" (an HF directory of this model type), by inspection."""
+    if source is None:
+        return "fresh"
+    path = Path(source)
+    if path.is_file():
+        return "pth"
+    if not path.is_dir():
+        raise ModelSourceError(f"{source}: no such model (an HF directory, a PEFT adapter directory or a .pth file)")
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"{source}: a directory without config.json (not an HF model directory)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelSourceError(f"{config_file}: not a readable JSON config ({err})") from err
+    if model_type == "llama":
+        return "llama"
+    if model_type != MiniMindConfig.model_type:
+        raise ModelSourceError(f"{source}: model_type {model_type!r} is neither 'minimind' nor 'llama'")
+    return "minimind"
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter directory was trained on (its `base_model_name_or_path`, which may be relative
+    to the working directory or to the adapter directory)."""
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_file.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelSourceError(f"{config_file}: no readable base_model_name_or_path ({err})") from err
+    for candidate in (Path(base), Path(adapter_dir) / base):
+        if candidate.exists():
+            return str(candidate)
+    raise ModelSourceError(f"{adapter_dir}: its base model {base} does not exist")
+
+
+def _check_sizes(config: MiniMindConfig, source: str, wanted: dict[str, Any]) -> None:
+    for key, value in wanted.items():
+        if value is not None and getattr(config, key, value) != value:
+            raise ModelSourceError(
+                f"the recipe says {key}={value} but the checkpoint {source} has {key}={getattr(config, key)}"
+            )
+
+
+def load_model(
+    source: str | os.PathLike | None,
+    *,
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    use_moe: bool | None = None,
+    config_overrides: str | dict[str, Any] = "",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> MiniMindForCausalLM:
+    """A `MiniMindForCausalLM` from any source (see the module doc).
+
+    The sizes and `config_overrides` build a fresh model or read a `.pth`; for a directory they must agree with
+    its config (a mismatch is an error, not a silent reshape).
+    """
+    overrides = parse_overrides(config_overrides) if isinstance(config_overrides, str) else dict(config_overrides)
+    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers, "use_moe": use_moe}
+    kind = source_kind(source)
+    source = None if source is None else str(source)
+    try:
+        if kind in ("fresh", "pth"):
+            config = build_config(
+                **{k: DEFAULT_SIZES[k] if v is None else v for k, v in sizes.items()}, overrides=overrides
+            )
+            if attn_implementation:
+                config._attn_implementation = attn_implementation
+            return MiniMindForCausalLM(config).to(dtype) if kind == "fresh" else load_pth(source, config, dtype=dtype)
+        if kind == "adapter":
+            from peft import PeftModel
+
+            base = load_model(adapter_base(source), dtype=torch.float32, attn_implementation=attn_implementation)
+            _check_sizes(base.config, source, {**sizes, **overrides})
+            return PeftModel.from_pretrained(base, source).merge_and_unload().to(dtype)
+        problem = final_save_problem(source)
+        if problem:
+            raise ModelSourceError(f"{source}: {problem}")
+        if kind == "llama":
+            model = from_llama(source, dtype=dtype)
+        else:
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        _check_sizes(model.config, source, {**sizes, **overrides})
+        if attn_implementation and kind == "llama":
+            model.set_attn_implementation(attn_implementation)
+        return model
+    except (OSError, SafetensorError) as err:
+        raise ModelSourceError(f"{source}: cannot load the model ({err})") from err
+
+
+def tokenizer_source(source: str | os.PathLike | None) -> str | None:
+    """Where a model source keeps its tokenizer: the directory itself, an adapter's base, or nowhere."""
+    if source is None or not Path(source).is_dir():
+        return None
+    path = Path(source)
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        return str(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return tokenizer_source(adapter_base(path))
+    return None
+
+
+def load_model_and_tokenizer(
+    source: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    **sizes: Any,
+) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
+    """The model in eval mode and its tokenizer (the source's own unless `tokenizer` names one)."""
+    if tokenizer is None and source_kind(source) == "pth":
+        raise ModelSourceError(f"{source}: a .pth carries no tokenizer; pass --tokenizer DIR")
+    tokenizer = tokenizer or tokenizer_source(source)
+    if tokenizer is None:
+        raise ModelSourceError(f"{source}: holds no tokenizer; pass --tokenizer DIR")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = load_model(source, dtype=dtype, **sizes)
+    try:
+        return model.eval(), load_tokenizer(tokenizer)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"tokenizer {tokenizer}: cannot load it ({err})") from err
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options that say where a model comes from (chat, evaluate, serve)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="an HF or Llama directory, a PEFT adapter, or a MiniMind .pth")
+    group.add_argument("--tokenizer", help="tokenizer directory (default: the model's own; required for .pth)")
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 is fast on recent CPUs too")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--hidden_size", type=int, default=None, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
+    group.add_argument("--num_hidden_layers", type=int, default=None, help=".pth only (default 8)")
+    group.add_argument("--use_moe", type=int, choices=(0, 1), default=None, help=".pth only")
+    group.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
+
+
+def load_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
+    """`load_model_and_tokenizer` from `add_model_arguments`' options; a bad source exits with one error line."""
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model,
+            args.tokenizer,
+            dtype=args.dtype,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            use_moe=None if args.use_moe is None else bool(args.use_moe),
+            config_overrides=args.config_overrides,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(1, f"error: {err}\n")
+    return model.to(args.device), tokenizer
