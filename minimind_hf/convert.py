@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from .checkpointing import atomic_write
 from .configuration_minimind import MiniMindConfig
+from .lora import add_lora_commands, load_lora_pth, run_lora_command  # noqa: F401  (load_lora_pth: re-exported)
 from .modeling_minimind import MiniMindForCausalLM
 
 # DDP and torch.compile wrap the model and MiniMind saved whatever the wrapper's state_dict gave.
@@ -259,7 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     h2l.add_argument("out_dir")
     h2l.add_argument("--tokenizer", help="tokenizer directory to copy into the output")
 
+    # LoRA adapters (minimind_hf/lora.py): merge-lora, lorapth2peft, peft2lorapth
+    add_lora_commands(sub)
     args = parser.parse_args(argv)
+    try:
+        written = run_lora_command(args)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(1, f"error: {err}\n")
+    if written is not None:
+        print(f"wrote {written}")
+        return
     if args.command == "pth2hf":
         config = build_config(
             args.hidden_size, args.num_hidden_layers, bool(args.use_moe), parse_overrides(args.config_overrides)

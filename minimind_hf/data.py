@@ -116,6 +116,23 @@ _PARSERS: dict[str, Callable[[dict], dict]] = {
     "pretrain": _text,
     "any": lambda record: _conversation(record) if "conversations" in record else _text(record),
 }
+_FEATURES: dict[str, Features] = {"sft": SFT_FEATURES, "pretrain": PRETRAIN_FEATURES}
+
+# The public name of the per-line problem a parser registered with `register_format` raises.
+InvalidRecord = _Invalid
+
+
+def register_format(kind: str, parse: Callable[[dict], dict], features: Features) -> None:
+    """Another kind of JSON Lines row (DPO pairs: `minimind_hf/dpo.py`), validated and loaded like SFT data by
+    `load_records`: `parse(record)` returns the row or raises `InvalidRecord(problem, detail)`, which becomes a
+    `file:line` error, or a counted skip with `skip_invalid`."""
+    _PARSERS[kind] = parse
+    _FEATURES[kind] = features
+
+
+def conversation_messages(conversations: object) -> list[dict]:
+    """The SFT rules for a list of messages (roles, order, an assistant turn): the messages, or `InvalidRecord`."""
+    return _conversation({"conversations": conversations})["messages"]
 
 
 def _parse(raw: bytes, last_without_newline: bool, kind: str) -> dict:
@@ -211,11 +228,14 @@ def scan(
     skip_invalid: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
+    check: Callable[[dict], None] | None = None,
 ) -> LoadReport:
-    """Validate every line of `paths` as `kind` ("sft" or "pretrain"), streaming; see the module doc."""
+    """Validate every line of `paths` as `kind` ("sft" or "pretrain"), streaming; see the module doc. `check(row)`
+    may reject a parsed row by raising `InvalidRecord` (the SFT supervision check when given tokenizer and
+    max_length)."""
     if (tokenizer is None) != (max_length is None):
         raise ValueError("the supervision check needs both tokenizer and max_length")
-    check = _supervision_check(tokenizer, max_length) if tokenizer is not None else None
+    check = _supervision_check(tokenizer, max_length) if tokenizer is not None else check
     report = LoadReport()
     for path, number, record in _read(_as_paths(paths), kind, check):
         report.lines += 1
@@ -260,7 +280,7 @@ def _load(paths: Paths, kind: str, streaming: bool, **scan_kwargs) -> Dataset | 
     report = scan(paths, kind, **scan_kwargs)
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     skips = [tuple(report.skipped_lines.get(str(p), ())) for p in paths]
-    features = SFT_FEATURES if kind == "sft" else PRETRAIN_FEATURES
+    features = _FEATURES[kind]
     # Size and mtime are in the generator's kwargs, which datasets hashes into the cache key.
     gen_kwargs = {"files": files, "skips": skips, "kind": kind}
     if streaming:
@@ -292,6 +312,18 @@ def load_pretrain_dataset(
 ) -> Dataset | IterableDataset:
     """Pretraining texts from one or many `.jsonl` files as a `text` column; see the module doc."""
     return _load(paths, "pretrain", streaming, skip_invalid=skip_invalid)
+
+
+def load_records(
+    paths: Paths,
+    kind: str,
+    *,
+    skip_invalid: bool = False,
+    streaming: bool = False,
+    check: Callable[[dict], None] | None = None,
+) -> Dataset | IterableDataset:
+    """Rows of a format added with `register_format`, validated (and `check`ed) line by line like SFT data."""
+    return _load(paths, kind, streaming, skip_invalid=skip_invalid, check=check)
 
 
 def _tokenize_texts(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:

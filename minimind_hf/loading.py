@@ -120,7 +120,10 @@ def load_model(
         if kind == "adapter":
             from peft import PeftModel
 
-            base = load_model(adapter_base(source), dtype=torch.float32, attn_implementation=attn_implementation)
+            # The sizes reach the base too: an adapter trained on an original .pth needs them to load it.
+            base = load_model(
+                adapter_base(source), **sizes, config_overrides=overrides, attn_implementation=attn_implementation
+            )
             _check_sizes(base.config, source, {**sizes, **overrides})
             return PeftModel.from_pretrained(base, source).merge_and_unload().to(dtype)
         problem = final_save_problem(source)

@@ -358,7 +358,9 @@ class Stage:
     `config_class` is the TRL config (`SFTConfig`, `DPOConfig`, ...), `arguments_class` the project's keys
     (`MiniMindArguments` or a subclass with the stage's own), `defaults` what the stage changes in both.
     `load_datasets(args, training_args, tokenizer)` returns (train, eval or None), validated; `build_trainer` has
-    `build_sft_trainer`'s signature.
+    `build_sft_trainer`'s signature. `finished_model(model, checkpoint, args)` turns a checkpoint written at the
+    last step into the model to publish (default: that checkpoint loaded as a model; LoRA puts its adapter on
+    `model`), `write_pth(model, path)` writes the original's `.pth` for `save_pth`.
     """
 
     name: str
@@ -367,6 +369,8 @@ class Stage:
     arguments_class: type = MiniMindArguments
     build_trainer: Callable[..., Trainer] = build_sft_trainer
     defaults: dict[str, Any] = field(default_factory=dict)
+    finished_model: Callable[[Any, str, Any], Any] | None = None
+    write_pth: Callable[[Any, Path], Path] = save_pth
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -382,7 +386,12 @@ def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     )
 
 
-def save_final(trainer: Trainer, args: MiniMindArguments, tokenizer: PreTrainedTokenizerBase) -> None:
+def save_final(
+    trainer: Trainer,
+    args: MiniMindArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    write_pth: Callable[[Any, Path], Path] = save_pth,
+) -> None:
     """`output_dir` becomes an HF model with its tokenizer (the Trainer saves its processing class), a
     generation config that stops at `<|im_end|>` and the run's log history (`python -m minimind_hf.plot DIR`).
 
@@ -400,7 +409,7 @@ def save_final(trainer: Trainer, args: MiniMindArguments, tokenizer: PreTrainedT
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         if args.save_pth:
-            logger.info("wrote %s", save_pth(model, staging / pth_name(args.pth_weight_name, model.config)))
+            logger.info("wrote %s", write_pth(model, staging / pth_name(args.pth_weight_name, model.config)))
         commit_final(output_dir)
     state.wait_for_everyone()
 
@@ -443,7 +452,10 @@ def run_recipe(
     finished = resume_from is not None and training_finished(resume_from)
     if finished:
         # Killed during its final save: publish the last checkpoint's weights, without training a step too many.
-        model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
+        if stage.finished_model is not None:
+            model = stage.finished_model(model, resume_from, args)
+        else:
+            model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
     check_output_dir(training_args.output_dir)
     loggers = start_swanlab(args, training_args, resume_from)
 
@@ -465,7 +477,7 @@ def run_recipe(
             if folder is None or not trainer.is_world_process_zero():
                 raise
             raise save_failed(training_args.output_dir, folder, err) from err
-    save_final(trainer, args, tokenizer)
+    save_final(trainer, args, tokenizer, stage.write_pth)
     if loggers and trainer.is_world_process_zero():
         import swanlab
 

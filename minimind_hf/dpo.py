@@ -1,0 +1,230 @@
+"""DPO for MiniMind on TRL's `DPOTrainer`, with the original's loss (MiniMind's `trainer/train_dpo.py`).
+
+The original's loss is `-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` where each log-prob is the MEAN over
+that sequence's supervised tokens, and the supervised tokens follow the SFT rule: every assistant turn's content,
+its `<|im_end|>` and the `\\n` after it, in earlier turns too. Two things make `DPOTrainer` compute exactly that:
+
+- `loss_type: sigmoid_norm`, TRL's own: it divides each side's summed log-ratio by that side's number of completion
+  tokens. Policy and reference share the mask, so `(sum pi_c - sum ref_c) / n_c` is `mean pi_c - mean ref_c`, and
+  the loss is the original's term for term. This is picked over `ld_alpha` (which weights a tail, it does not
+  average) and over overriding `compute_loss` (TRL's is several hundred lines). `loss_type: sigmoid` is TRL's
+  standard summed-log-prob DPO. TRL logs `rewards/chosen|rejected|margins|accuracies` and `logps/*` from the summed
+  log-ratios in both cases: a loss stuck at log 2 = 0.693 shows there as margins at 0 and accuracies at 0.5 or 0.
+- `PreferenceCollator`, passed as the trainer's `data_collator`: TRL's collator (truncation, padding), with
+  `completion_mask` recomputed over the whole sequence by the SFT rule. TRL's own mask covers only what follows the
+  prompt shared by chosen and rejected, i.e. the last assistant turn.
+
+Rows are MiniMind's `{"chosen": [messages], "rejected": [messages]}`, validated like SFT data (`file:line` errors,
+`skip_invalid`). A pair TRL would drop silently (its shared prompt fills `max_length`), or one whose mean
+log-prob would be 0/0 (no supervised token within `max_length`: the original's NaN), is an error or a counted skip.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset, Features, IterableDataset, List, Value
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import extract_prompt
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from .data import (
+    IGNORE_INDEX,
+    InvalidRecord,
+    Paths,
+    conversation_messages,
+    encode_conversation,
+    load_records,
+    register_format,
+)
+from .loading import ModelSourceError, source_kind
+from .loading import load_model as load_any_model
+from .tokenizer import BOS_TOKEN, EOS_TOKEN
+from .training import MiniMindArguments, RecipeError
+
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES})
+
+
+def _pair(record: dict) -> dict:
+    pair = {}
+    for side in ("chosen", "rejected"):
+        if side not in record:
+            raise InvalidRecord("missing_field", f'no "{side}" field')
+        try:
+            pair[side] = conversation_messages(record[side])
+        except InvalidRecord as invalid:
+            raise InvalidRecord(invalid.problem, f"{side}: {invalid.detail}") from None
+    if pair["chosen"] == pair["rejected"]:
+        raise InvalidRecord("same_pair", "chosen and rejected are the same conversation")
+    return pair
+
+
+register_format("dpo", _pair, PAIR_FEATURES)
+
+
+def _fits(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict], None]:
+    def token_count(messages: list[dict], **kwargs: Any) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        # A token covers at least one byte: a text shorter than max_length in bytes fits without tokenizing it.
+        if len(text.encode()) < max_length:
+            return 0
+        return len(tokenizer.apply_chat_template(messages, **kwargs))
+
+    def check(pair: dict) -> None:
+        prompt = extract_prompt(pair)["prompt"]
+        if not prompt:
+            raise InvalidRecord("no_shared_prompt", "chosen and rejected differ from their first message on")
+        length = token_count(prompt, add_generation_prompt=True)
+        if length >= max_length:
+            raise InvalidRecord(
+                "prompt_too_long", f"the prompt chosen and rejected share is {length} tokens, max_length={max_length}"
+            )
+        for side in ("chosen", "rejected"):
+            # Each assistant turn supervises at least `<|im_end|>` and `\n`: a conversation that fits has them.
+            if token_count(pair[side]) < max_length:
+                continue
+            labels = encode_conversation(pair[side], tokenizer, max_length)["labels"]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise InvalidRecord("unsupervised", f"{side}: no supervised token within max_length={max_length}")
+
+    return check
+
+
+def load_dpo_dataset(
+    paths: Paths,
+    *,
+    skip_invalid: bool = False,
+    streaming: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+) -> Dataset | IterableDataset:
+    """Preference pairs as `chosen` / `rejected` message columns, the format `DPOTrainer` takes. With `tokenizer`
+    and `max_length`, pairs that cannot train within `max_length` are errors too (see the module doc)."""
+    check = _fits(tokenizer, max_length) if tokenizer is not None and max_length is not None else None
+    return load_records(paths, "dpo", skip_invalid=skip_invalid, streaming=streaming, check=check)
+
+
+def assistant_token_mask(ids: list[int], header: list[int], end_id: int) -> list[int]:
+    """1 for each token the SFT rule supervises, from token ids alone: after each `<|im_start|>assistant` header and
+    the token holding its newline, everything up to the closing `<|im_end|>` and the token after it.
+
+    This is the rule `MiniMindTokenizer` builds from the chat template's `{% generation %}` spans (tested equal),
+    and how the original finds the spans: DPO gets the ids from TRL, already tokenized, without the masks.
+    """
+    mask = [0] * len(ids)
+    n, i = len(header), 0
+    while i < len(ids):
+        if ids[i : i + n] != header:
+            i += 1
+            continue
+        j = i + n + 1
+        while j < len(ids):
+            mask[j] = 1
+            j += 1
+            if ids[j - 1] == end_id:
+                if j < len(ids):
+                    mask[j] = 1
+                    j += 1
+                break
+        i = j
+    return mask
+
+
+@dataclass
+class PreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator whose `completion_mask` is the SFT rule over the whole sequence (see module doc)."""
+
+    header: list[int] = field(default_factory=list)
+    end_id: int = -1
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> PreferenceCollator:
+        return cls(
+            pad_token_id=tokenizer.pad_token_id,
+            header=tokenizer.encode(BOS_TOKEN + "assistant", add_special_tokens=False),
+            end_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+            **kwargs,
+        )
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        masks = [assistant_token_mask(row, self.header, self.end_id) for row in batch["input_ids"].tolist()]
+        batch["completion_mask"] = torch.tensor(masks, dtype=torch.long) * batch["attention_mask"]
+        return batch
+
+
+@dataclass
+class DPOArguments(MiniMindArguments):
+    """The project's keys plus the reference model."""
+
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "the frozen reference, any model source (the policy's sizes); default: the policy's start"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ref_model_name_or_path is not None:
+            try:
+                source_kind(self.ref_model_name_or_path)
+            except ModelSourceError as err:
+                raise RecipeError(f"ref_model_name_or_path {err}") from err
+
+
+def load_reference(args: DPOArguments, model: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference model: `ref_model_name_or_path` in any form, else a copy of the policy as it starts
+    (the original loads the same SFT weights twice)."""
+    if args.ref_model_name_or_path is None:
+        reference = copy.deepcopy(model)
+    else:
+        try:
+            reference = load_any_model(
+                args.ref_model_name_or_path,
+                hidden_size=args.hidden_size,
+                num_hidden_layers=args.num_hidden_layers,
+                use_moe=args.use_moe,
+                config_overrides=args.config_overrides,
+                attn_implementation=args.attn_implementation,
+            )
+        except (ModelSourceError, ValueError) as err:
+            raise RecipeError(f"ref_model_name_or_path {err}") from err
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise RecipeError(
+                f"ref_model_name_or_path {args.ref_model_name_or_path} has vocab_size={reference.config.vocab_size}, "
+                f"the policy {model.config.vocab_size}: they must share the tokenizer"
+            )
+    return reference.eval().requires_grad_(False)
+
+
+def build_dpo_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    training_args: DPOConfig,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None = None,
+    callbacks: tuple[TrainerCallback, ...] | list[TrainerCallback] = (),
+    args: DPOArguments | None = None,
+) -> DPOTrainer:
+    """TRL's `DPOTrainer` with the reference model and the SFT-rule mask (see the module doc)."""
+    collator = PreferenceCollator.for_tokenizer(
+        tokenizer,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+        pad_to_multiple_of=training_args.pad_to_multiple_of,
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=load_reference(args, model),
+        args=training_args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
