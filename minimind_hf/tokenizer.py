@@ -1,8 +1,9 @@
 """MiniMind's tokenizer and ChatML chat template, made ready for assistant-only SFT loss.
 
-`CHAT_TEMPLATE` renders byte for byte what the original MiniMind template renders for system / user /
-assistant conversations, and wraps what is supervised in `{% generation %}`: an assistant turn's content,
-its `<|im_end|>` and the `\\n` after it. transformers turns those character spans into
+`CHAT_TEMPLATE` renders byte for byte what the original MiniMind template renders for every conversation it
+accepts (system / user / assistant turns, tools and tool calls, `enable_thinking=False`), and wraps what is
+supervised in `{% generation %}`: an assistant turn's content and tool calls, its `<|im_end|>` and the `\\n`
+after it. transformers turns those character spans into
 `assistant_masks`, which is what TRL's `SFTTrainer(assistant_only_loss=True)` trains on.
 
 One case needs more than the template. transformers marks every token that overlaps a generation span, but
@@ -25,24 +26,108 @@ EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
 
+# The original MiniMind template (its tokenizer_config.json), verbatim but for three things: the default system
+# prompt comes from DEFAULT_SYSTEM_PROMPT, the assistant header is printed on its own, and `{% generation %}` wraps
+# what MiniMind supervises (the reply, its tool calls, `<|im_end|>` and the `\n` after it). The tool-calling
+# branch and `enable_thinking` (an empty `<think>` block after the generation prompt) are the original's. The
+# `ns` loop computes a value the original never prints; it is kept so that the two can be compared line by line.
 CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
+    """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with \
+function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\
+\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+ {%- if messages[0]['role'] == 'system' -%}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else -%}
+        {{- '<|im_start|>system\\n"""
+    + DEFAULT_SYSTEM_PROMPT
+    + """<|im_end|>\\n' }}
+ {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and \
+not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- generation %}
+        {{- content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+        {%- endgeneration %}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+)
+
+# This project's earlier template (plain conversations only), saved in tokenizer directories written before the
+# tool-calling and thinking branches came back: such a directory gets `CHAT_TEMPLATE` instead.
+_EARLIER_TEMPLATES = (
+    "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\\n"
+    + DEFAULT_SYSTEM_PROMPT
+    + "<|im_end|>\\n' -}}{%- endif -%}{%- for message in messages -%}"
     "{%- set content = message['content'] if message['content'] is string else '' -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}"
-    "{{- content + '<|im_end|>\\n' -}}"
-    "{%- endgeneration -%}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}{%- generation -%}{{- "
+    "content + '<|im_end|>\\n' -}}{%- endgeneration -%}{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + "
+    "content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- "
+    "'<|im_start|>assistant\\n' -}}{%- endif -%}",
 )
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -86,9 +171,9 @@ def has_generation_markers(chat_template: str | None) -> bool:
 def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
     """Load a local tokenizer directory (a `tokenizer.json` and its config) for MiniMind training.
 
-    A chat template without `{% generation %}` markers (the original MiniMind one) is replaced by
-    `CHAT_TEMPLATE`, which renders identically for plain conversations (the original's tool-calling
-    branch is dropped). The pad token is set to `<|endoftext|>`.
+    A chat template without `{% generation %}` markers (the original MiniMind one), or this project's earlier
+    one, is replaced by `CHAT_TEMPLATE`, which renders identically to the original's. The pad token is set to
+    `<|endoftext|>`.
     """
     path = Path(path)
     if not path.exists():
@@ -96,7 +181,7 @@ def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"not a tokenizer directory (no tokenizer.json): {path}")
     tokenizer = MiniMindTokenizer.from_pretrained(str(path), local_files_only=True)
-    if not has_generation_markers(tokenizer.chat_template):
+    if not has_generation_markers(tokenizer.chat_template) or tokenizer.chat_template in _EARLIER_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATE
     if PAD_TOKEN not in tokenizer.get_vocab():
         raise ValueError(f"{path}: the vocabulary has no {PAD_TOKEN} token")

@@ -1,0 +1,157 @@
+"""Reward functions for GRPO, by name: checkable answers, MiniMind's reasoning format, and TRL's own rewards.
+
+Each function has the signature TRL's `GRPOTrainer` calls: `f(completions, **columns) -> list[float | None]`, where
+`completions` are strings or, for chat prompts, one-message lists (`[{"role": "assistant", "content": ...}]`) and
+each dataset column (`answer`, `task`, ...) comes as a keyword list. `None` means "does not apply to this row":
+TRL leaves it out of the sum.
+
+    exact_match        1.0 when the reply, stripped, equals the row's `answer` (stripped); None without one
+    reasoning_format   0.5 when the reply is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (MiniMind)
+    reasoning_tags     0.25 for each of the four tags that occurs exactly once (MiniMind)
+    think_format_reward, accuracy_reward, reasoning_accuracy_reward, soft_overlong_punishment,
+    repetition_penalty  TRL's rewards (`trl.rewards`)
+
+MiniMind's `train_grpo.py` adds `reasoning_format` and `reasoning_tags` (its `reasoning_model_reward`) to a reward
+model's score; `resolve_reward_funcs` builds the list from names or `module.function` import paths, as TRL's
+`trl/scripts/grpo.py` does.
+
+Completions are untrusted text: every function takes empty, huge, tag-less or undecodable replies (bytes, lone
+surrogates) and answers in time linear in the reply's length.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
+REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+RewardFunc = Callable[..., list[float | None]]
+
+
+def completion_text(completion: Any) -> str:
+    """The reply's text: a string as is, a chat completion's last message content, bytes decoded leniently."""
+    if isinstance(completion, list):
+        completion = completion[-1].get("content", "") if completion and isinstance(completion[-1], dict) else ""
+    if isinstance(completion, (bytes, bytearray)):
+        completion = bytes(completion).decode("utf-8", errors="replace")
+    return completion if isinstance(completion, str) else ""
+
+
+def exact_match(completions: Sequence[Any], answer: Sequence[str | None] | None = None, **kwargs) -> list:
+    """1.0 when the stripped reply equals the stripped `answer` (what `minimind_hf.evaluate` scores), else 0.0;
+    None for a row without an answer (a MiniMind RLAIF row)."""
+    answers = answer if answer is not None else [None] * len(completions)
+    return [
+        None if expected is None else float(completion_text(c).strip() == expected.strip())
+        for c, expected in zip(completions, answers, strict=True)
+    ]
+
+
+def _matches_reasoning_format(text: str) -> bool:
+    """Whether MiniMind's two patterns match, `re.match` with `re.S`:
+
+        ^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$
+        ^<think>\\n.*?\\n</think>\\n\\n<answer>\\n.*?\\n</answer>$
+
+    The lazy groups are free, so a match is the fixed prefix, the fixed suffix (`$` also matches before a final
+    newline) and one of the two separators somewhere in between. Decided here by string search, which is linear;
+    the regular expression backtracks over every separator in a long reply (quadratic). Tested against it.
+    """
+    prefix, separators = THINK_OPEN + "\n", ("\n" + THINK_CLOSE + "\n" + ANSWER_OPEN + "\n",)
+    separators += ("\n" + THINK_CLOSE + "\n\n" + ANSWER_OPEN + "\n",)
+    if not text.startswith(prefix):
+        return False
+    for suffix in ("\n" + ANSWER_CLOSE, "\n" + ANSWER_CLOSE + "\n"):
+        if text.endswith(suffix) and len(text) >= len(prefix) + len(suffix):
+            middle = text[len(prefix) : len(text) - len(suffix)]
+            if any(separator in middle for separator in separators):
+                return True
+    return False
+
+
+def reasoning_format(completions: Sequence[Any], **kwargs) -> list[float]:
+    """0.5 for a reply of MiniMind's reasoning form `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (a blank
+    line may separate the blocks), else 0.0: MiniMind's `reasoning_model_reward`, first part."""
+    return [0.5 if _matches_reasoning_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def reasoning_tags(completions: Sequence[Any], **kwargs) -> list[float]:
+    """0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` that occurs exactly once in the reply:
+    MiniMind's `mark_num`."""
+    texts = [completion_text(c) for c in completions]
+    return [0.25 * sum(text.count(tag) == 1 for tag in REASONING_TAGS) for text in texts]
+
+
+def _trl_reward(name: str) -> Callable[[Any], RewardFunc]:
+    def build(training_args: Any) -> RewardFunc:
+        import trl.rewards
+
+        if name in ("accuracy_reward", "reasoning_accuracy_reward"):
+            from trl.import_utils import is_math_verify_available
+
+            if not is_math_verify_available():
+                raise ValueError(f"reward '{name}' needs the math_verify package (pip install math-verify)")
+        return getattr(trl.rewards, name)
+
+    return build
+
+
+def _soft_overlong_punishment(training_args: Any) -> RewardFunc:
+    """DAPO's length penalty (`trl.rewards.get_soft_overlong_punishment`) over the recipe's own completion budget:
+    0 up to 80% of `max_completion_length`, then down to -1 at the limit."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    limit = training_args.max_completion_length
+    return get_soft_overlong_punishment(max_completion_len=limit, soft_punish_cache=max(1, limit // 5))
+
+
+def _repetition_penalty(training_args: Any) -> RewardFunc:
+    from trl.rewards import get_repetition_penalty_reward
+
+    return get_repetition_penalty_reward()
+
+
+def _plain(func: RewardFunc) -> Callable[[Any], RewardFunc]:
+    return lambda training_args: func
+
+
+# Name -> a builder taking the recipe's GRPOConfig (some rewards are sized by it).
+REWARD_FUNCS: dict[str, Callable[[Any], RewardFunc]] = {
+    "exact_match": _plain(exact_match),
+    "reasoning_format": _plain(reasoning_format),
+    "reasoning_tags": _plain(reasoning_tags),
+    "think_format_reward": _trl_reward("think_format_reward"),
+    "accuracy_reward": _trl_reward("accuracy_reward"),
+    "reasoning_accuracy_reward": _trl_reward("reasoning_accuracy_reward"),
+    "soft_overlong_punishment": _soft_overlong_punishment,
+    "repetition_penalty": _repetition_penalty,
+}
+
+
+def resolve_reward_funcs(names: Sequence[str], training_args: Any = None) -> list[RewardFunc]:
+    """The reward functions for `names`: registry names, or `package.module.function` import paths (the current
+    directory is importable, as in TRL's grpo script). An unknown name or a path that does not import is a
+    `ValueError` naming it and the registry."""
+    funcs = []
+    for name in names:
+        if name in REWARD_FUNCS:
+            funcs.append(REWARD_FUNCS[name](training_args))
+            continue
+        if "." not in name:
+            raise ValueError(f"unknown reward '{name}': one of {', '.join(REWARD_FUNCS)}, or a module.function path")
+        module_path, attribute = name.rsplit(".", 1)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            func = getattr(importlib.import_module(module_path), attribute)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"reward '{name}' cannot be imported: {err}") from err
+        if not callable(func):
+            raise ValueError(f"reward '{name}' is not callable")
+        funcs.append(func)
+    return funcs
