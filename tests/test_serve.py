@@ -1,0 +1,290 @@
+"""Serving over the OpenAI API, driven by the `openai` client: `python -m minimind_hf.serve` for every model form,
+and `transformers serve` itself for the Llama export of a dense model."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+
+from minimind_hf import MiniMindConfig, MiniMindForCausalLM
+from minimind_hf.chat import generate_reply
+from minimind_hf.convert import main as convert_main
+from minimind_hf.convert import save_pth
+from minimind_hf.loading import load_model_and_tokenizer
+from minimind_hf.serve import build_app, main
+from minimind_hf.tokenizer import load_tokenizer
+
+openai = pytest.importorskip("openai")
+
+SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+PTH_ARGS = ["--hidden_size", "32", "--num_hidden_layers", "2"]
+PTH_ARGS += ["--config_overrides", "num_attention_heads=4,num_key_value_heads=2"]
+MAX_TOKENS = 12
+QUESTION = [{"role": "user", "content": "A duck goes what?"}]
+MULTI_TURN = [
+    {"role": "system", "content": "You are MiniMind."},
+    {"role": "user", "content": "Is 7 odd or even?"},
+    {"role": "assistant", "content": "odd"},
+    {"role": "user", "content": "A duck goes what?"},
+]
+PROMPTS = ["猫会怎么叫？", "Is 12 odd or even?", "Which is bigger, 3 or 8?", "What colour is grass?"]
+
+
+def tiny_model(seed: int = 0, **config) -> MiniMindForCausalLM:
+    """Random weights that are float16 values, so that the model is the same as a .pth (stored in float16)."""
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(**SIZES, **config)).half().float().eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """One tiny model in every form: HF directory, MoE HF directory, LoRA adapter directory, .pth, Llama export."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("serve_models")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    paths = {"dense": root / "dense", "moe": root / "moe", "adapter": root / "adapter", "pth": root / "tiny.pth"}
+    for name, model in (("dense", tiny_model()), ("moe", tiny_model(1, use_moe=True))):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    save_pth(tiny_model(), paths["pth"])
+    base = MiniMindForCausalLM.from_pretrained(paths["dense"])
+    # Non-zero LoRA B matrices, so that the merged adapter changes what the model says.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(2)
+    get_peft_model(base, lora).save_pretrained(paths["adapter"])
+    paths["llama"] = root / "llama"
+    convert_main(["hf2llama", str(paths["dense"]), str(paths["llama"]), "--tokenizer", str(tokenizer_dir)])
+    return paths
+
+
+def reference(source: Path, **sizes):
+    """Greedy replies of `source` loaded by the project's loader, computed in-process (what the server must say)."""
+    model, tokenizer = load_model_and_tokenizer(source, **sizes)
+    return lambda messages, max_tokens=MAX_TOKENS: generate_reply(
+        model, tokenizer, messages, greedy=True, max_new_tokens=max_tokens
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def in_thread(app):
+    """Serve `app` with uvicorn on a loopback socket bound before the server starts (no port race)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@contextmanager
+def in_subprocess(argv: list[str], port: int, log: Path):
+    """Run a server command, wait for its /health, and stop it at the end."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"the server exited with {process.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not answer /health:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(api, model: str, messages: list[dict], stream: bool = False, **request) -> str:
+    request = {"model": model, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS, **request}
+    if not stream:
+        return api.chat.completions.create(**request).choices[0].message.content
+    chunks = list(api.chat.completions.create(stream=True, **request))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+
+def check_chat(url: str, model: str, expected) -> None:
+    """Plain, streamed, multi-turn, temperature-0 determinism and concurrent requests, against `expected`."""
+    api = client(url)
+    answer = expected(QUESTION)
+    assert answer.strip(), "the random model should say something"
+    completion = api.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
+    assert completion.choices[0].message.content == answer
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.model == model and 0 < completion.usage.completion_tokens <= MAX_TOKENS
+    assert ask(api, model, QUESTION) == answer, "temperature 0 must give the same reply every time"
+    assert ask(api, model, QUESTION, stream=True) == answer
+
+    multi_turn = ask(api, model, MULTI_TURN)
+    assert multi_turn == expected(MULTI_TURN)
+    assert multi_turn != answer, "the earlier turns and the system prompt must reach the model"
+
+    # Several clients at once, streamed and not: each gets the reply to its own conversation.
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(
+            pool.map(
+                lambda i: ask(api, model, [{"role": "user", "content": PROMPTS[i]}], stream=i % 2 == 1),
+                range(len(PROMPTS)),
+            )
+        )
+    assert replies == [expected([{"role": "user", "content": p}]) for p in PROMPTS]
+    assert len(set(replies)) > 1
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def dense_server(models):
+    model, tokenizer = load_model_and_tokenizer(models["dense"])
+    with in_thread(build_app(model, tokenizer, "minimind-tiny")) as url:
+        yield url
+
+
+def test_serves_plain_streamed_multi_turn_and_concurrent_chat(dense_server, models):
+    check_chat(dense_server, "minimind-tiny", reference(models["dense"]))
+
+
+def test_models_and_health(dense_server):
+    with urllib.request.urlopen(f"{dense_server}/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+    assert [m.id for m in client(dense_server).models.list().data] == ["minimind-tiny"]
+
+
+GOOD = {"model": "minimind-tiny", "messages": QUESTION, "temperature": 0, "max_tokens": 4}
+BAD_REQUESTS = {
+    "invalid JSON": (b'{"messages": [', 400, "not valid JSON"),
+    "not an object": (b"[1, 2]", 400, "JSON object"),
+    "no messages": (json.dumps({"model": "minimind-tiny"}).encode(), 400, "'messages'"),
+    "empty messages": (json.dumps({**GOOD, "messages": []}).encode(), 400, "'messages'"),
+    "unknown role": (json.dumps({**GOOD, "messages": [{"role": "bot", "content": "hi"}]}).encode(), 400, "'bot'"),
+    "content not text": (json.dumps({**GOOD, "messages": [{"role": "user", "content": 3}]}).encode(), 400, "content"),
+    "negative max_tokens": (json.dumps({**GOOD, "max_tokens": -5}).encode(), 400, "max_tokens"),
+    "temperature out of range": (json.dumps({**GOOD, "temperature": -1}).encode(), 400, "temperature"),
+    "n > 1": (json.dumps({**GOOD, "n": 3}).encode(), 400, "n=1"),
+    "unknown model": (json.dumps({**GOOD, "model": "gpt-4"}).encode(), 404, "'gpt-4' is not served"),
+    "unknown field": (json.dumps({**GOOD, "colour": "red"}).encode(), 422, "colour"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(dense_server, case):
+    body, status, message = BAD_REQUESTS[case]
+    code, answer = post(dense_server, body)
+    assert code == status
+    assert message in answer["error"]["message"]
+    assert answer["error"]["type"] == "invalid_request_error"
+    code, answer = post(dense_server, json.dumps(GOOD).encode())
+    assert code == 200 and answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_openai_client_raises_its_own_errors(dense_server):
+    api = client(dense_server)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        api.chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        api.chat.completions.create(model="minimind-tiny", messages=QUESTION, max_tokens=-1)
+    assert ask(api, "minimind-tiny", QUESTION, max_tokens=4) is not None
+
+
+@pytest.mark.parametrize("form", ["moe", "adapter"])
+def test_moe_and_adapter_models_are_served(models, form):
+    model, tokenizer = load_model_and_tokenizer(models[form])
+    assert model.config.use_moe == (form == "moe")
+    expected = reference(models[form])
+    with in_thread(build_app(model, tokenizer, form)) as url:
+        api = client(url)
+        assert ask(api, form, QUESTION) == expected(QUESTION)
+        assert ask(api, form, QUESTION, stream=True) == expected(QUESTION)
+    if form == "adapter":
+        assert expected(QUESTION) != reference(models["dense"])(QUESTION), "the adapter must be merged in"
+
+
+def test_command_line_serves_a_pth_with_its_sizes(models, tokenizer_dir, monkeypatch):
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    main([str(models["pth"]), "--tokenizer", str(tokenizer_dir), *PTH_ARGS, "--port", "8123", "--host", "0.0.0.0"])
+    assert (started["host"], started["port"]) == ("0.0.0.0", 8123)
+    with in_thread(started["app"]) as url:
+        api = client(url)
+        assert [m.id for m in api.models.list().data] == [str(models["pth"])]
+        # The .pth holds the same float16 weights as the HF directory: the same greedy replies.
+        expected = reference(models["dense"])
+        assert ask(api, str(models["pth"]), QUESTION, stream=True) == expected(QUESTION)
+        assert ask(api, str(models["pth"]), MULTI_TURN) == expected(MULTI_TURN)
+
+
+def test_command_line_rejects_a_missing_model_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nowhere"), "--port", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
+
+
+def test_transformers_serve_serves_the_llama_export(models, tmp_path):
+    """`transformers serve DIR` on `hf2llama`'s output (with its tokenizer), as a user would run it."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("transformers")
+    llama = str(models["llama"])
+    argv = [str(cli), "serve", llama, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    expected = reference(models["dense"])
+    with in_subprocess(argv, port, tmp_path / "transformers_serve.log") as url:
+        check_chat(url, llama, expected)
+        # transformers serve answers what it refuses with a 4xx too, and carries on.
+        code, _ = post(url, json.dumps({**GOOD, "model": "gpt-4"}).encode())
+        assert code == 400
+        code, _ = post(url, json.dumps({**GOOD, "model": llama, "colour": "red"}).encode())
+        assert code == 422
+        assert ask(client(url), llama, QUESTION) == expected(QUESTION)
