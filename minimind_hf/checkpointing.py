@@ -276,17 +276,23 @@ def check_checkpoint_fits(folder: str | os.PathLike, config) -> None:
             )
 
 
-def training_finished(checkpoint: str | os.PathLike) -> bool:
-    """Whether the run that wrote `checkpoint` had reached its last step (a crash during the final save).
+def training_finished(checkpoint: str | os.PathLike, training_args=None) -> bool:
+    """Whether resuming from `checkpoint` has nothing left to train (e.g. the run was killed during its final save).
 
     transformers checks `max_steps` only after a step, so resuming from such a checkpoint would train one step
-    too many; the recipe publishes the checkpoint's weights instead of training.
+    too many; the recipe publishes the checkpoint's weights instead of training. The length is the current
+    recipe's (`training_args`: `max_steps`, else `num_train_epochs`), so that a run resumed to train longer does.
     """
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+    step = state.get("global_step", 0)
+    if training_args is not None and training_args.max_steps > 0:
+        return step >= training_args.max_steps
+    if training_args is not None and state.get("num_train_epochs") != training_args.num_train_epochs:
+        return False
+    return 0 < state.get("max_steps", 0) <= step
 
 
 def interrupted_save(output_dir: str | os.PathLike, step: int) -> Path | None:

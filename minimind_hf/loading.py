@@ -110,13 +110,6 @@ def load_model(
     kind = source_kind(source)
     source = None if source is None else str(source)
     try:
-        if kind in ("fresh", "pth"):
-            config = build_config(
-                **{k: DEFAULT_SIZES[k] if v is None else v for k, v in sizes.items()}, overrides=overrides
-            )
-            if attn_implementation:
-                config._attn_implementation = attn_implementation
-            return MiniMindForCausalLM(config).to(dtype) if kind == "fresh" else load_pth(source, config, dtype=dtype)
         if kind == "adapter":
             from peft import PeftModel
 
@@ -125,17 +118,23 @@ def load_model(
                 adapter_base(source), **sizes, config_overrides=overrides, attn_implementation=attn_implementation
             )
             _check_sizes(base.config, source, {**sizes, **overrides})
-            return PeftModel.from_pretrained(base, source).merge_and_unload().to(dtype)
-        problem = final_save_problem(source)
-        if problem:
-            raise ModelSourceError(f"{source}: {problem}")
-        if kind == "llama":
-            model = from_llama(source, dtype=dtype)
+            # PEFT froze the base's weights and merging does not thaw them: a recipe would train nothing.
+            return PeftModel.from_pretrained(base, source).merge_and_unload().requires_grad_(True).to(dtype)
+        if kind in ("fresh", "pth"):
+            config = build_config(
+                **{k: DEFAULT_SIZES[k] if v is None else v for k, v in sizes.items()}, overrides=overrides
+            )
+            model = MiniMindForCausalLM(config).to(dtype) if kind == "fresh" else load_pth(source, config, dtype=dtype)
         else:
-            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-        _check_sizes(model.config, source, {**sizes, **overrides})
-        if attn_implementation and kind == "llama":
+            problem = final_save_problem(source)
+            if problem:
+                raise ModelSourceError(f"{source}: {problem}")
+            if kind == "llama":
+                model = from_llama(source, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            _check_sizes(model.config, source, {**sizes, **overrides})
+        if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         return model
     except (OSError, SafetensorError) as err:
@@ -175,6 +174,24 @@ def load_model_and_tokenizer(
         raise ModelSourceError(f"tokenizer {tokenizer}: cannot load it ({err})") from err
 
 
+def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The sizes a `.pth` was trained with (it carries no config); for a directory they must agree with it."""
+    parser.add_argument("--hidden_size", type=int, default=None, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
+    parser.add_argument("--num_hidden_layers", type=int, default=None, help=".pth only (default 8)")
+    parser.add_argument("--use_moe", type=int, choices=(0, 1), default=None, help=".pth only")
+    parser.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
+
+
+def sizes_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`load_model`'s size keywords from `add_size_arguments`' options."""
+    return {
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "use_moe": None if args.use_moe is None else bool(args.use_moe),
+        "config_overrides": args.config_overrides,
+    }
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options that say where a model comes from (chat, evaluate, serve)."""
     group = parser.add_argument_group("model")
@@ -182,10 +199,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", help="tokenizer directory (default: the model's own; required for .pth)")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 is fast on recent CPUs too")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--hidden_size", type=int, default=None, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
-    group.add_argument("--num_hidden_layers", type=int, default=None, help=".pth only (default 8)")
-    group.add_argument("--use_moe", type=int, choices=(0, 1), default=None, help=".pth only")
-    group.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
+    add_size_arguments(group)
 
 
 def load_from_args(
@@ -193,15 +207,8 @@ def load_from_args(
 ) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
     """`load_model_and_tokenizer` from `add_model_arguments`' options; a bad source exits with one error line."""
     try:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model,
-            args.tokenizer,
-            dtype=args.dtype,
-            hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_hidden_layers,
-            use_moe=None if args.use_moe is None else bool(args.use_moe),
-            config_overrides=args.config_overrides,
-        )
+        sizes = sizes_from_args(args)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype, **sizes)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(1, f"error: {err}\n")
     return model.to(args.device), tokenizer

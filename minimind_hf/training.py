@@ -449,7 +449,7 @@ def run_recipe(
     model = load_model(args)
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config)
-    finished = resume_from is not None and training_finished(resume_from)
+    finished = resume_from is not None and training_finished(resume_from, training_args)
     if finished:
         # Killed during its final save: publish the last checkpoint's weights, without training a step too many.
         if stage.finished_model is not None:

@@ -1,17 +1,16 @@
-"""Shared test setup: offline hubs, no swanlab network, and the reference fixtures of the original code."""
+"""Shared test setup: offline hubs, no swanlab network, and fixtures. Helpers live in `minimind_hf.testing`."""
 
 import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SWANLAB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# After the environment above. `write_tiny_recipe` is re-exported for tests that import it from here.
+from minimind_hf.testing import SHARED_FIXTURES, TOKENIZER_DIR, write_tiny_recipe  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -36,33 +35,9 @@ def datasets_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def project_tokenizer_dir() -> Path:
     """The tokenizer trained on the sample data by data/make_data.py."""
-    return REPO_ROOT / "data" / "tokenizer"
+    return TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(project_tokenizer_dir) -> Path:
     return project_tokenizer_dir
-
-
-def write_tiny_recipe(directory: Path, **overrides) -> Path:
-    """`directory/recipe.yaml`: a 2-layer, 32-wide SFT recipe on `directory/sft.jsonl` that trains in seconds."""
-    recipe = {
-        "data_path": str(directory / "sft.jsonl"),
-        "tokenizer_name_or_path": str(REPO_ROOT / "data" / "tokenizer"),
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
-        "output_dir": str(directory / "out"),
-        "per_device_train_batch_size": 4,
-        "max_length": 64,
-        "max_steps": 2,
-        "save_steps": 2,
-        "learning_rate": 1e-3,
-        "bf16": False,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        **overrides,
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path

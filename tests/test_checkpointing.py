@@ -1,4 +1,5 @@
-"""Sealed checkpoints: rotation order, resuming past incomplete or damaged ones, and what a resume unpickles."""
+"""Sealed checkpoints: rotation order, resuming past incomplete or damaged ones, the atomic final save, what a resume
+unpickles, and that all of it runs on the Trainer's public hooks."""
 
 import json
 import os
@@ -11,31 +12,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import Trainer
+
 from minimind_hf import checkpointing
 from minimind_hf.checkpointing import (
+    FINAL_MANIFEST,
     MANIFEST,
     checkpoint_problem,
     rotate_complete_checkpoints,
     seal_checkpoint,
 )
-from minimind_hf.training import RecipeError, resolve_resume
+from minimind_hf.loading import ModelSourceError, load_model
+from minimind_hf.testing import REPO_ROOT, StepCounter, final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
+from minimind_hf.training import MiniMindTrainer, RecipeError, resolve_resume
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
+sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft  # noqa: E402
-from conftest import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 def write_recipe(directory: Path, **overrides) -> Path:
-    data = directory / "sft.jsonl"
-    if not data.exists():
-        rows = [
-            {"conversations": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
-            for i in range(32)
-        ]
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if not (directory / "sft.jsonl").exists():
+        write_sft_data(directory / "sft.jsonl", n=32)
     return write_tiny_recipe(directory, **{"max_steps": 6, **overrides})
 
 
@@ -68,10 +67,11 @@ def test_rotation_deletes_an_old_checkpoint_only_after_the_new_one_is_sealed(tmp
     present_at_seal = []
     seal = checkpointing.seal_checkpoint
 
-    def recording_seal(folder):
-        sealed = [p.name for p in checkpointing.list_checkpoints(Path(folder).parent) if checkpointing.is_sealed(p)]
-        present_at_seal.append((Path(folder).name, sealed))
-        return seal(folder)
+    def recording_seal(folder, *args, **kwargs):
+        if checkpointing.checkpoint_step(folder) is not None:  # not the final model's staging folder
+            sealed = [p.name for p in checkpointing.list_checkpoints(Path(folder).parent) if checkpointing.is_sealed(p)]
+            present_at_seal.append((Path(folder).name, sealed))
+        return seal(folder, *args, **kwargs)
 
     monkeypatch.setattr(checkpointing, "seal_checkpoint", recording_seal)
     sft.main(["--config", str(write_recipe(tmp_path, save_total_limit=1))])
@@ -124,10 +124,71 @@ def test_a_given_unsealed_checkpoint_is_checked_by_its_file_structure(run_copy, 
 def test_resuming_the_final_checkpoint_trains_no_extra_step(run_copy):
     out = run_copy / "out"
     (out / "model.safetensors").unlink()  # as if killed during the final save
-    sft.main(["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", "true"])
-    final, last = load_file(out / "model.safetensors"), load_file(out / "checkpoint-6" / "model.safetensors")
-    assert all(torch.equal(final[k], last[k]) for k in last)
+    counter = StepCounter()
+    trainer = sft.main(
+        ["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", "true"], callbacks=[counter]
+    )
+    assert counter.steps == 0 and trainer.state.global_step == 6
+    assert max_abs_diff(final_weights(out), final_weights(out / "checkpoint-6")) == 0.0
     assert not (out / "checkpoint-7").exists()
+
+
+def test_a_run_resumed_from_its_final_checkpoint_to_train_longer_does(run_copy):
+    counter = StepCounter()
+    argv = ["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", "true", "--max_steps", "8"]
+    trainer = sft.main(argv, callbacks=[counter])
+    assert counter.steps == 2 and trainer.state.global_step == 8
+    assert checkpoint_problem(run_copy / "out" / "checkpoint-8") is None
+
+
+def crash_after_staging(trainer: Trainer) -> None:
+    """The process dies (here: raises) once the final model is written to its staging folder, before the commit."""
+    save_model = trainer.save_model
+
+    def save_then_crash(output_dir=None, *args, **kwargs):
+        save_model(output_dir, *args, **kwargs)
+        if Path(output_dir).name == ".final.partial":
+            raise KeyboardInterrupt("killed after staging the final model")
+
+    trainer.save_model = save_then_crash
+
+
+def test_the_final_save_is_atomic_and_a_resume_finishes_it(run_copy):
+    out = run_copy / "out"
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert (out / FINAL_MANIFEST).is_file(), "a completed final save says so"
+    # Train on to step 8; the final save of that run dies after staging: the earlier model is untouched.
+    argv = ["--config", str(run_copy / "recipe.yaml"), "--resume_from_checkpoint", "true", "--max_steps", "8"]
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(argv, before_train=crash_after_staging)
+    assert (out / ".final.partial" / "model.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    with pytest.raises(ModelSourceError, match=r"its final save was interrupted \(.final.partial is left\); rerun"):
+        load_model(out)
+
+    counter = StepCounter()
+    sft.main(argv, callbacks=[counter])
+    assert counter.steps == 0, "the final checkpoint is published, not trained on"
+    assert not (out / ".final.partial").exists() and (out / FINAL_MANIFEST).is_file()
+    last = final_weights(out / "checkpoint-8")
+    assert max_abs_diff(final_weights(out), last) == 0.0
+    loaded = load_model(out).state_dict()
+    assert max_abs_diff({k: loaded[k] for k in last}, last) == 0.0
+
+
+def test_checkpointing_overrides_no_private_trainer_method():
+    """Sealing, rotation, the run id and the final save are callbacks and checks in `run_recipe`: no class of this
+    project in the trainer's MRO overrides a private `Trainer` method, which a transformers release could change."""
+    ours = [cls for cls in MiniMindTrainer.__mro__ if cls.__module__.startswith("minimind_hf")]
+    overridden = {
+        f"{cls.__name__}.{name}"
+        for cls in ours
+        for name in vars(cls)
+        if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)
+    }
+    assert not overridden, overridden
+    for name in ("_save_checkpoint", "_load_from_checkpoint", "_run_epoch", "_rotate_checkpoints"):
+        assert all(name not in vars(cls) for cls in ours), name
 
 
 def test_a_leftover_directory_of_the_same_step_is_replaced_not_mixed_into(tmp_path):

@@ -5,62 +5,35 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from minimind_hf import training
+from minimind_hf.testing import REPO_ROOT, record_batches, write_pretrain_texts, write_tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
+sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import pretrain  # noqa: E402
 import sft  # noqa: E402
 
 TINY = {
-    "tokenizer_name_or_path": str(REPO / "data" / "tokenizer"),
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
     "config_overrides": "num_attention_heads=4,num_key_value_heads=2,vocab_size=2048",
-    "per_device_train_batch_size": 4,
     "max_length": 48,
     "learning_rate": 2e-3,
     "logging_steps": 1,
     "save_steps": 100,
-    "bf16": False,
-    "report_to": "none",
-    "dataloader_num_workers": 0,
 }
 
 
-def write_texts(path: Path) -> Path:
-    texts = [f"Document {i}: " + " ".join(["word"] * (3 + i % 11)) + f" ends {i}." for i in range(40)]
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
-
-
 def write_recipe(path: Path, **values) -> Path:
-    path.write_text(yaml.safe_dump({**TINY, **values}))
-    return path
+    return write_tiny_recipe(path.parent, path.name, **{**TINY, **values})
 
 
-def test_packed_pretraining_labels_never_cross_a_document_boundary(tmp_path, monkeypatch):
+def test_packed_pretraining_labels_never_cross_a_document_boundary(tmp_path):
     batches = []
-    original = training.build_trainer
-
-    def recording(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        compute_loss = trainer.compute_loss
-
-        def record(model, inputs, *a, **kw):
-            batches.append({k: v.clone() for k, v in inputs.items()})
-            return compute_loss(model, inputs, *a, **kw)
-
-        trainer.compute_loss = record
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", recording)
     recipe = write_recipe(
-        tmp_path / "pretrain.yaml", data_path=str(write_texts(tmp_path / "t.jsonl")), output_dir=str(tmp_path / "o")
+        tmp_path / "pretrain.yaml",
+        data_path=str(write_pretrain_texts(tmp_path / "t.jsonl")),
+        output_dir=str(tmp_path / "o"),
     )
-    pretrain.main(["--config", str(recipe), "--max_steps", "3"])
+    pretrain.main(["--config", str(recipe), "--max_steps", "3"], before_train=lambda t: record_batches(t, batches))
+    assert len(batches) == 3
 
     documents_seen = 0
     for batch in batches:
@@ -80,11 +53,11 @@ def test_pretrain_then_sft_then_chat(tmp_path, capsys):
 
     pretrain_out, sft_out = tmp_path / "pretrain", tmp_path / "sft"
     pretrain.main(
-        ["--config", str(write_recipe(tmp_path / "p.yaml", data_path=str(REPO / "data" / "pretrain.jsonl"))),
+        ["--config", str(write_recipe(tmp_path / "p.yaml", data_path=str(REPO_ROOT / "data" / "pretrain.jsonl"))),
          "--output_dir", str(pretrain_out), "--max_steps", "4", "--save_pth", "true"]
     )  # fmt: skip
     assert (pretrain_out / "pretrain_32.pth").is_file(), "MiniMind's file name rule for the pretrain weights"
-    sft_recipe = write_recipe(tmp_path / "s.yaml", data_path=str(REPO / "data" / "sft.jsonl"))
+    sft_recipe = write_recipe(tmp_path / "s.yaml", data_path=str(REPO_ROOT / "data" / "sft.jsonl"))
     sft.main(["--config", str(sft_recipe), "--model_name_or_path", str(pretrain_out), "--output_dir", str(sft_out),
               "--max_steps", "4", "--hidden_size", "32", "--max_length", "128"])  # fmt: skip
     log = [

@@ -1,4 +1,4 @@
-"""The SFT recipe end to end on a tiny model: loss, schedule, resume, model sources, DDP and bad input."""
+"""The SFT recipe end to end on a tiny model: loss, schedule, seeding, resume, model sources, DDP and bad input."""
 
 import json
 import math
@@ -6,92 +6,48 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
 
-from minimind_hf.training import RecipeError
+from minimind_hf.checkpointing import MANIFEST, checkpoint_problem
+from minimind_hf.testing import (
+    REPO_ROOT,
+    StepCounter,
+    final_weights,
+    max_abs_diff,
+    record_batches,
+    write_sft_data,
+    write_tiny_recipe,
+)
+from minimind_hf.training import MiniMindArguments, RecipeError, parse_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "data" / "tokenizer"
-sys.path.insert(0, str(REPO / "recipes"))
+sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft  # noqa: E402
-
-from minimind_hf import training  # noqa: E402
-
-
-def write_data(path: Path, n: int = 48) -> Path:
-    lines = []
-    for i in range(n):
-        turns = [{"role": "user", "content": f"What is {i} plus {i % 7}?"}]
-        turns.append({"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."})
-        if i % 3 == 0:
-            turns = [{"role": "system", "content": "Answer briefly."}, *turns]
-        if i % 4 == 0:
-            turns += [{"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": str(2 * i)}]
-        lines.append(json.dumps({"conversations": turns}, ensure_ascii=False))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def write_recipe(tmp_path: Path, name: str = "recipe.yaml", **overrides) -> Path:
-    recipe = {
-        "data_path": str(write_data(tmp_path / "sft.jsonl")),
-        "tokenizer_name_or_path": str(TOKENIZER),
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "max_length": 64,
-        "max_steps": 6,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_steps": 3,
-        "bf16": False,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-    }
-    recipe.update(overrides)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    """The tiny recipe on `write_sft_data`'s conversations: 6 steps, a checkpoint every 3, a log line every step."""
+    write_sft_data(tmp_path / "sft.jsonl")
+    return write_tiny_recipe(tmp_path, name, **{"max_steps": 6, "save_steps": 3, "logging_steps": 1, **overrides})
 
 
-def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(out_dir / "model.safetensors")
+def test_first_step_loss_is_masked_cross_entropy_and_lr_follows_minimind(tmp_path):
+    batches, initial = [], {}
 
+    def before_train(trainer):
+        initial.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        record_batches(trainer, batches, first_only=True)
 
-def test_first_step_loss_is_masked_cross_entropy_and_lr_follows_minimind(tmp_path, monkeypatch):
-    captured = {}
-    original = training.build_trainer
-
-    def capturing_build_trainer(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        compute_loss = trainer.compute_loss
-
-        def first_loss(model, inputs, *a, **kw):
-            if "inputs" not in captured:
-                captured.update(inputs={k: v.clone() for k, v in inputs.items()}, initial=initial)
-            return compute_loss(model, inputs, *a, **kw)
-
-        trainer.compute_loss = first_loss
-        captured["trainer"] = trainer
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", capturing_build_trainer)
-    sft.main(["--config", str(write_recipe(tmp_path, max_steps=8))])
-    trainer, inputs = captured["trainer"], captured["inputs"]
+    trainer = sft.main(["--config", str(write_recipe(tmp_path, max_steps=8))], before_train=before_train)
+    inputs = batches[0]
     assert "attention_mask" not in inputs and "position_ids" in inputs, "packed rows, no padding mask"
 
     model = trainer.model
-    model.load_state_dict(captured["initial"])
+    model.load_state_dict(initial)
     with torch.no_grad():
         logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
     targets = inputs["labels"][:, 1:]
@@ -123,7 +79,7 @@ def test_resume_after_a_checkpoint_is_exact(tmp_path, accumulation):
               "--resume_from_checkpoint", "true"])  # fmt: skip
 
     a, b = final_weights(tmp_path / "straight"), final_weights(out)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    diff = max_abs_diff(a, b)
     print(f"resume (accumulation {accumulation}): max |straight - resumed| = {diff}")
     assert diff == 0.0
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
@@ -175,7 +131,7 @@ def test_bad_recipes_fail_fast_naming_the_problem(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(RecipeError, match="not writable"):
         sft.main(["--config", str(write_recipe(tmp_path, output_dir=str(tmp_path / "a_file" / "out")))])
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(RecipeError, match="none.pth: no such model"):
         sft.main(["--config", str(write_recipe(tmp_path, model_name_or_path=str(tmp_path / "none.pth")))])
     with pytest.raises(SystemExit):
         sft.main(["--config", str(write_recipe(tmp_path, learning_rate="fast"))])
@@ -186,65 +142,88 @@ DDP_PROBE = """
 import json, os, sys
 sys.path.insert(0, {recipes!r})
 import sft
-from minimind_hf import training
-seen = []
-original = training.build_trainer
-def recording(*args, **kwargs):
-    trainer = original(*args, **kwargs)
+seen, find_unused = [], []
+def before_train(trainer):
     compute_loss = trainer.compute_loss
     def record(model, inputs, *a, **kw):
+        find_unused.append(model.find_unused_parameters)  # `model` is the DDP wrapper here
         ids, labels = inputs["input_ids"], inputs["labels"]
-        seen.extend(ids[row][labels[row] != -100].tolist().__repr__() for row in range(len(ids)))
+        seen.extend(repr(ids[row][labels[row] != -100].tolist()) for row in range(len(ids)))
         return compute_loss(model, inputs, *a, **kw)
     trainer.compute_loss = record
-    return trainer
-training.build_trainer = recording
-sft.main(sys.argv[1:])
+sft.main(sys.argv[1:], before_train=before_train)
 with open(os.path.join({out!r}, "seen-" + os.environ["RANK"] + ".json"), "w") as f:
-    json.dump(seen, f)
+    json.dump({{"seen": seen, "find_unused": find_unused}}, f)
 """
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_disjoint_data_and_reload(tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path, max_steps=3, save_steps=2, per_device_train_batch_size=2)
+@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
+def test_torchrun_two_processes_disjoint_data_no_unused_parameter_search_and_reload(tmp_path, use_moe):
+    recipe = write_recipe(tmp_path, max_steps=3, save_steps=2, per_device_train_batch_size=2, use_moe=use_moe)
     probe = tmp_path / "probe.py"
-    probe.write_text(DDP_PROBE.format(recipes=str(REPO / "recipes"), out=str(tmp_path)))
+    probe.write_text(DDP_PROBE.format(recipes=str(REPO_ROOT / "recipes"), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), "--config", str(recipe)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    rank0 = json.loads((tmp_path / "seen-0.json").read_text())
-    rank1 = json.loads((tmp_path / "seen-1.json").read_text())
-    assert rank0 and rank1
-    assert not set(rank0) & set(rank1), "both ranks trained on the same packed rows"
+    ranks = [json.loads((tmp_path / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["seen"] and ranks[1]["seen"]
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"]), "both ranks trained on the same packed rows"
+    # Every parameter gets a gradient (MoE experts too), so DDP is not asked to search for unused ones; were it
+    # asked, torch would warn that it found none.
+    assert {flag for rank in ranks for flag in rank["find_unused"]} == {False}
+    assert "find_unused_parameters=True" not in result.stderr
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    answer = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=5, do_sample=False)
-    assert answer.shape[1] > 4
+    out = tmp_path / "out"
+    assert max_abs_diff(final_weights(out), final_weights(out / "checkpoint-3")) == 0.0, "the final model is step 3"
+    assert json.loads((out / "config.json").read_text())["use_moe"] is use_moe
 
     # Saved by 2 processes, resumed by 1: the optimizer step count (and so the LR schedule) carries on.
-    shutil.rmtree(tmp_path / "out" / "checkpoint-3")
-    steps_run = []
-    original = training.build_trainer
-
-    def counting(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(type("Count", (TrainerCallback,), {"on_step_end": lambda *a, **k: steps_run.append(1)}))
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", counting)
-    trainer = sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
-    assert trainer.state.global_step == 3 and len(steps_run) == 1, "resumed after step 2, not from the start"
+    shutil.rmtree(out / "checkpoint-3")
+    counter = StepCounter()
+    trainer = sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"], callbacks=[counter])
+    assert trainer.state.global_step == 3 and counter.steps == 1, "resumed after step 2, not from the start"
 
 
-def test_resumed_run_continues_the_same_swanlab_run(tmp_path, monkeypatch):
+def test_resumed_run_continues_the_same_swanlab_run_whose_id_the_manifest_covers(tmp_path, monkeypatch):
     monkeypatch.setenv("SWANLAB_MODE", "local")  # written to disk only, never the network
     recipe = write_recipe(tmp_path, max_steps=4, save_steps=2, report_to="swanlab")
     sft.main(["--config", str(recipe)])
     out = tmp_path / "out"
     run_id = (out / "checkpoint-2" / "swanlab_run_id.txt").read_text()
+    # The run id is part of the sealed checkpoint: covered by its manifest, so damage to it is detected too.
+    for step in (2, 4):
+        manifest = json.loads((out / f"checkpoint-{step}" / MANIFEST).read_text())
+        assert "swanlab_run_id.txt" in manifest["files"], sorted(manifest["files"])
+        assert checkpoint_problem(out / f"checkpoint-{step}") is None
     shutil.rmtree(out / "checkpoint-4")
     sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
     runs = sorted(p.name for p in (out / "swanlog").glob("run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+
+
+def test_the_seed_decides_a_fresh_models_initialisation(tmp_path):
+    weights = {}
+    for name, seed, noise in (("a", 7, 1), ("b", 7, 2), ("c", 8, 1)):
+        # Whatever the global RNG state before the run, the recipe's seed alone decides the fresh model.
+        torch.manual_seed(noise)
+        recipe = write_recipe(tmp_path, f"{name}.yaml", output_dir=str(tmp_path / name), model_name_or_path=None,
+                              seed=seed, max_steps=3, save_steps=100)  # fmt: skip
+        sft.main(["--config", str(recipe)])
+        weights[name] = final_weights(tmp_path / name)
+    diff = max_abs_diff(weights["a"], weights["b"])
+    print(f"two runs of seed 7: max |a - b| = {diff}; seed 7 vs 8: {max_abs_diff(weights['a'], weights['c']):.3g}")
+    assert diff == 0.0
+    assert max_abs_diff(weights["a"], weights["c"]) > 0.0
+
+
+def test_project_defaults_no_unused_parameter_search_and_no_deprecated_checkpointing_key(tmp_path):
+    recipe = write_recipe(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, training_args = parse_recipe((MiniMindArguments, sft.SFT.config_class), ["--config", str(recipe)])
+    assert training_args.ddp_find_unused_parameters is False
+    assert training_args.activation_checkpointing is False
+    deprecated = [str(w.message) for w in caught if "gradient_checkpointing" in str(w.message)]
+    assert not deprecated, deprecated
