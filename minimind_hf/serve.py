@@ -8,7 +8,9 @@ Endpoints: `POST /v1/chat/completions` (streamed with `"stream": true`, or not),
 `GET /health`. Any model form `minimind_hf.loading` reads is served: an HF directory (dense or MoE), a Llama
 export, a PEFT adapter directory, a `.pth` with its sizes. Prompts go through the tokenizer's chat template,
 generation stops at `<|im_end|>`, `temperature: 0` is greedy, and the other defaults are MiniMind's chat
-(temperature 0.85, top_p 0.85). A request that names another model, has no or malformed `messages`, an
+(temperature 0.85, top_p 0.85). `tools`, assistant `tool_calls` and `tool` results are rendered by MiniMind's
+template; a call the model writes comes back as text in `content` (`<tool_call>...</tool_call>`): transformers
+has no response parser for this model type. A request that names another model, has no or malformed `messages`, an
 unknown role, a `max_tokens` below 1 or a body that is not a JSON object gets a 4xx error in OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`) and the server carries on.
 
@@ -43,7 +45,8 @@ from transformers.utils.import_utils import is_serve_available
 from .loading import add_model_arguments, load_from_args
 from .training import generation_config
 
-ROLES = ("system", "user", "assistant")
+# The roles MiniMind's chat template renders (a "tool" message is a tool's result, shown to the model as user input).
+ROLES = ("system", "user", "assistant", "tool")
 logger = logging.getLogger(__name__)
 
 
@@ -93,6 +96,11 @@ def _message_problem(message: Any) -> str | None:
     if message.get("role") not in ROLES:
         return f"has role {message.get('role')!r}; this model takes {', '.join(map(repr, ROLES))}"
     content = message.get("content")
+    if message["role"] == "assistant" and message.get("tool_calls") is not None:
+        if not isinstance(message["tool_calls"], list):
+            return "tool_calls must be a list"
+        if content is None:
+            return None
     if isinstance(content, str):
         return None
     if isinstance(content, list) and all(

@@ -24,7 +24,7 @@ from minimind_hf.convert import main as convert_main
 from minimind_hf.convert import save_pth
 from minimind_hf.loading import load_model_and_tokenizer
 from minimind_hf.serve import build_app, main
-from minimind_hf.tokenizer import load_tokenizer
+from minimind_hf.tokenizer import EOS_TOKEN, load_tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -236,6 +236,60 @@ def test_the_openai_client_raises_its_own_errors(dense_server):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         api.chat.completions.create(model="minimind-tiny", messages=QUESTION, max_tokens=-1)
     assert ask(api, "minimind-tiny", QUESTION, max_tokens=4) is not None
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather in Mirenburg?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Mirenburg"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0", "content": "sunny, 21 C"},
+]
+
+
+def test_tools_and_tool_results_reach_the_chat_template(dense_server, models):
+    """MiniMind's template renders tool signatures, tool calls and tool results: the served reply is the greedy
+    continuation of exactly that prompt."""
+    model, tokenizer = load_model_and_tokenizer(models["dense"])
+    # The API sends a call's arguments as a JSON string; the template is given them parsed, as the server does.
+    call = TOOL_TURNS[1]["tool_calls"][0]
+    parsed_call = {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+    turns = [TOOL_TURNS[0], {**TOOL_TURNS[1], "tool_calls": [parsed_call]}, TOOL_TURNS[2]]
+    inputs = tokenizer.apply_chat_template(
+        turns, tools=TOOLS, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    prompt = tokenizer.decode(inputs["input_ids"][0])
+    assert "get_weather" in prompt and '"city": "Mirenburg"' in prompt and "sunny, 21 C" in prompt
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        )
+    expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    api = client(dense_server)
+    reply = ask(api, "minimind-tiny", TOOL_TURNS, tools=TOOLS)
+    assert reply == expected
+    assert reply != ask(api, "minimind-tiny", TOOL_TURNS[:1])
 
 
 @pytest.mark.parametrize("form", ["moe", "adapter"])
