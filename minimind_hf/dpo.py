@@ -74,7 +74,7 @@ def _fits(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict
         # A token covers at least one byte: a text shorter than max_length in bytes fits without tokenizing it.
         if len(text.encode()) < max_length:
             return 0
-        return len(tokenizer.apply_chat_template(messages, **kwargs))
+        return len(tokenizer.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"])
 
     def check(pair: dict) -> None:
         prompt = extract_prompt(pair)["prompt"]
