@@ -114,6 +114,14 @@ class MiniMindArguments:
     save_pth: bool = field(default=False, metadata={"help": "also write the original .pth next to the HF model"})
     pth_weight_name: str = field(default="full_sft", metadata={"help": "MiniMind's --save_weight: the .pth prefix"})
     swanlab_project: str = field(default="MiniMind-Full-SFT", metadata={"help": "swanlab project name"})
+    tag_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "reasoning SFT (train_distill_reason.py: 10): the loss weight of supervised tag tokens"},
+    )
+    tag_tokens: list[str] = field(
+        default_factory=lambda: ["<think>", "</think>", "<answer>", "</answer>"],
+        metadata={"help": "the tags tag_loss_weight applies to (every token of each, where a tag is several)"},
+    )
 
     def __post_init__(self):
         # YAML may give a single path where a list is expected.
@@ -219,12 +227,37 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
+def tag_positions(targets: torch.Tensor, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Where `targets` (batch x positions, -100 where not supervised) hold a whole occurrence of one of the token
+    `sequences`, every token of it marked. Only targets are matched, so a tag in a prompt (or one cut by the
+    assistant mask) is never marked: MiniMind marks every position whose target id is a tag id, inside the mask or
+    not, but its tags are several ordinary tokens ('<', 'th', 'ink', '>') with its own tokenizer, so its rule also
+    weights each such token anywhere in the text, and the loss of prompt tokens is not SFT's to learn."""
+    marked = torch.zeros_like(targets, dtype=torch.bool)
+    for sequence in sequences:
+        n = len(sequence)
+        if n == 0 or targets.size(-1) < n:
+            continue
+        pattern = torch.tensor(list(sequence), device=targets.device, dtype=targets.dtype)
+        hits = (targets.unfold(-1, n, 1) == pattern).all(-1)
+        for k in range(n):
+            marked[..., k : k + hits.size(-1)] |= hits
+    return marked
+
+
 class MiniMindTrainer(SFTTrainer):
     """`SFTTrainer` whose loss is the model's own: the causal-LM loss plus, for MoE, MiniMind's balance loss.
 
     TRL's fused LM head would drop the MoE loss (it knows only Mixtral's), and its entropy and accuracy metrics
     cost a pass over the vocabulary on every step. The language-model and balance losses are logged apart.
+
+    Reasoning SFT (`tag_loss_weight`, `tag_sequences`: the token ids of each tag) weights every supervised target
+    that belongs to a tag, and divides the weighted sum by the unweighted count of supervised targets, as
+    MiniMind's `train_distill_reason.py` does. Evaluation losses stay unweighted, comparable across recipes.
     """
+
+    tag_loss_weight: float = 1.0
+    tag_sequences: Sequence[Sequence[int]] = ()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -244,12 +277,21 @@ class MiniMindTrainer(SFTTrainer):
             keep[:, :-1] = supervised
             outputs = model(**inputs, logits_to_keep=keep)
             loss_labels = {"labels": None, "shift_labels": shift_labels[supervised]}
-        lm_loss = unwrapped.loss_function(
-            logits=outputs.logits,
-            vocab_size=unwrapped.config.vocab_size,
-            num_items_in_batch=num_items_in_batch,
-            **loss_labels,
-        )
+        if not return_outputs and self.tag_loss_weight != 1.0 and self.tag_sequences:
+            targets = shift_labels[supervised]
+            per_token = torch.nn.functional.cross_entropy(
+                outputs.logits.reshape(targets.numel(), -1).float(), targets, reduction="none"
+            )
+            weights = 1.0 + (self.tag_loss_weight - 1.0) * tag_positions(shift_labels, self.tag_sequences)[supervised]
+            count = supervised.sum() if num_items_in_batch is None else num_items_in_batch
+            lm_loss = (per_token * weights).sum() / count
+        else:
+            lm_loss = unwrapped.loss_function(
+                logits=outputs.logits,
+                vocab_size=unwrapped.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                **loss_labels,
+            )
         loss = lm_loss
         # As in `Trainer.compute_loss`: with a global token count, DDP's gradient averaging must be undone.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -344,6 +386,9 @@ def build_sft_trainer(
     # SFTTrainer refuses a custom collator next to its bfd packing, whose dataset preparation we do want; the
     # collator only decides how packed samples become a batch, so it is swapped in afterwards.
     trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+    if args is not None and args.tag_loss_weight != 1.0:
+        trainer.tag_loss_weight = args.tag_loss_weight
+        trainer.tag_sequences = [tokenizer.encode(tag, add_special_tokens=False) for tag in args.tag_tokens]
     return trainer
 
 
