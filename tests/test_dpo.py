@@ -2,12 +2,15 @@
 
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from minimind_hf.data import IGNORE_INDEX, DataError, encode_conversation
 from minimind_hf.dpo import assistant_token_mask, load_dpo_dataset
@@ -21,6 +24,8 @@ from minimind_hf.testing import (
     save_hf_dir,
     tiny_model,
     write_jsonl,
+    write_sft_data,
+    write_tiny_recipe,
 )
 from minimind_hf.tokenizer import BOS_TOKEN, load_tokenizer
 from minimind_hf.training import RecipeError
@@ -173,3 +178,45 @@ def test_a_bad_reference_fails_before_any_work(tmp_path):
     with pytest.raises(RecipeError, match="ref_model_name_or_path .*hidden_size=32"):
         dpo.main(["--config", str(recipe), "--ref_model_name_or_path", str(other)])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+DDP_SCRIPT = """
+import shutil, sys
+from pathlib import Path
+from accelerate import PartialState
+sys.path.insert(0, {recipes!r})
+import dpo, lora
+
+for recipe, names in [(lora, ["adapter_model.safetensors", "adapter_config.json"]), (dpo, ["model.safetensors"])]:
+    for run in "ab":
+        recipe.main(["--config", {tmp!r} + f"/{{recipe.__name__}}-{{run}}.yaml"])
+    out = Path({tmp!r}, f"{{recipe.__name__}}-b")
+    if PartialState().is_main_process:
+        shutil.rmtree(out / "checkpoint-4")
+        for name in [*names, "model_complete.json"]:
+            (out / name).unlink()
+    PartialState().wait_for_everyone()
+    recipe.main(["--config", {tmp!r} + f"/{{recipe.__name__}}-b.yaml", "--resume_from_checkpoint", "true"])
+"""
+
+
+@pytest.mark.slow
+def test_lora_and_dpo_under_torchrun_resume_exactly(tmp_path):
+    """Both recipes with 2 processes (gloo on CPU): an interrupted and resumed run ends where a straight one does."""
+    write_sft_data(tmp_path / "sft.jsonl")
+    policy = save_hf_dir(tiny_model(), tmp_path / "policy")
+    for run in "ab":
+        keys = {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "model_name_or_path": str(policy)}
+        write_tiny_recipe(tmp_path, f"lora-{run}.yaml", **keys, output_dir=str(tmp_path / f"lora-{run}"))
+        write_recipe(tmp_path, f"dpo-{run}.yaml", **keys, output_dir=str(tmp_path / f"dpo-{run}"))
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(recipes=str(REPO_ROOT / "recipes"), tmp=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    straight, resumed = (load_file(tmp_path / f"lora-{run}" / "adapter_model.safetensors") for run in "ab")
+    assert max_abs_diff(straight, resumed) == 0.0
+    assert max_abs_diff(final_weights(tmp_path / "dpo-a"), final_weights(tmp_path / "dpo-b")) == 0.0
+    assert json.loads((tmp_path / "dpo-b" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
