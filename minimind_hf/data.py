@@ -1,23 +1,31 @@
-"""MiniMind's JSON Lines data, validated and loaded with `datasets` without reading files into memory.
+"""MiniMind's JSON Lines data: validated line by line, tokenized once, loaded with `datasets` without reading files
+into memory.
 
 Formats (one JSON object per line, UTF-8):
 
 - SFT: `{"conversations": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`; an optional
   system message comes first, then user and assistant alternate starting with user, and at least one
-  assistant turn is required. Loaded as a single column `messages`, the conversational format that TRL's
-  `SFTTrainer` consumes.
-- Pretraining: `{"text": "..."}`, loaded as a column `text`.
+  assistant turn is required.
+- Pretraining: `{"text": "..."}`.
 
-Loading first scans every file line by line (constant memory) and raises a `DataError` naming the file,
-the 1-based line and the problem, before any Arrow file is written or any training starts. With
-`skip_invalid=True` bad lines are skipped instead, and the counts per problem are logged and attached to
-the returned dataset as `dataset.load_report`. Problems with a path itself (missing, a directory, no
-records) always raise. The records are then produced by a generator through `Dataset.from_generator`
-(cached as Arrow, keyed by each file's path, size and mtime) or `IterableDataset.from_generator`.
+What the recipes train on comes from `load_sft_tokenized` / `load_pretrain_tokenized`: one pass over the files
+(`datasets` worker processes over line-aligned byte ranges, `num_proc`) parses, validates and tokenizes each line
+into compact Arrow columns `input_ids` and `labels` (-100 where not supervised), cut to `max_length`, exactly as
+TRL's `SFTTrainer` would tokenize the same conversations (chat template and assistant mask). `SFTTrainer` takes
+such a dataset as already processed and only packs it. Each row keeps its file and line until loading is done, so
+every problem is named as `file:line`. `load_sft_dataset` / `load_pretrain_dataset` give the raw `messages` /
+`text` columns instead (evaluation, tools, TRL's own tokenization).
 
-SFT samples whose supervised tokens all fall past `max_length` would train on nothing (TRL silently drops
-them). `load_sft_dataset` finds them at load time when given `tokenizer` and `max_length`: the check needs
-the tokenizer, and doing it there keeps every data problem in one report with its file and line.
+A bad line (not JSON, truncated, invalid UTF-8, a lone UTF-16 surrogate, the wrong schema) is a `DataError` naming
+the file, the 1-based line and the problem, raised before anything is tokenized; with `skip_invalid=True` bad
+lines are skipped, counted per problem and logged. Problems with a path itself (missing, a directory, no records)
+always raise. An SFT conversation with no supervised token within `max_length` (a prompt that fills it) would
+train on nothing: it is dropped, and the log counts such conversations and names the first few; with
+`error_on_unsupervised=True` it is an error. What loading found is `dataset.load_report`.
+
+Arrow caches are keyed on each file's path, size, mtime, ctime and inode (an edit that keeps the size and the
+mtime still moves the ctime, which no user tool can set back), on the tokenizer and on `max_length`; a second run
+on the same inputs opens its cache without reading the files.
 
 Debug a loss mask from the command line:
 
@@ -27,20 +35,27 @@ Debug a loss mask from the command line:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import numpy as np
+import transformers
 from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets.io.generator import GeneratorDatasetInputStream
 from transformers import PreTrainedTokenizerBase
+from trl.chat_template_utils import has_generation_markers
 
-from .tokenizer import has_generation_markers, load_tokenizer
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +63,18 @@ ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 SFT_FEATURES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
 PRETRAIN_FEATURES = Features({"text": Value("string")})
+# Conversations per tokenizer call: one batched call is about 1.5x faster than one call per conversation.
+ENCODE_BATCH = 256
+# Input bytes below which another worker process costs more to start than it saves.
+BYTES_PER_PROCESS = 4 << 20
+# How many dropped or skipped lines the log names.
+NAMED_IN_LOG = 5
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -70,7 +94,8 @@ class _Invalid(Exception):
 
 @dataclass
 class LoadReport:
-    """What loading found: `skipped` counts lines per problem kind, `skipped_lines` lists them per file."""
+    """What loading found: `skipped` counts the lines left out per problem kind (`"unsupervised"` for conversations
+    dropped for having no supervised token within `max_length`), `skipped_lines` lists them per file."""
 
     lines: int = 0
     loaded: int = 0
@@ -135,6 +160,25 @@ def conversation_messages(conversations: object) -> list[dict]:
     return _conversation({"conversations": conversations})["messages"]
 
 
+def _lone_surrogate(value: object, where: tuple = ()) -> tuple[tuple, str, int] | None:
+    """(where, the character, its index) of the first lone UTF-16 surrogate in a parsed row's strings, or None."""
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        return (where, match.group(), match.start()) if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, (*where, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(where: tuple) -> str:
+    if len(where) == 3 and where[0] == "messages":
+        return f"message {where[1]} {where[2]}"
+    return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in where).lstrip(".")
+
+
 def _parse(raw: bytes, last_without_newline: bool, kind: str) -> dict:
     try:
         line = raw.decode("utf-8")
@@ -148,13 +192,43 @@ def _parse(raw: bytes, last_without_newline: bool, kind: str) -> dict:
         raise _Invalid("not_json", f"not JSON: {error}") from None
     if not isinstance(record, dict):
         raise _Invalid("not_object", f"a JSON {type(record).__name__}, not an object")
-    return _PARSERS[kind](record)
+    row = _PARSERS[kind](record)
+    # JSON may spell half of a UTF-16 pair (`"\ud83d"`, common in scraped text); Python keeps it in the string, but
+    # it is not text: the tokenizer and Arrow both refuse it. Only a line with such an escape can hold one.
+    if _SURROGATE_ESCAPE.search(line):
+        found = _lone_surrogate(row)
+        if found is not None:
+            where, char, index = found
+            raise _Invalid(
+                "lone_surrogate",
+                f"lone surrogate \\u{ord(char):04x} in {_describe(where)} at character {index} "
+                "(half of a UTF-16 pair, not text)",
+            )
+    return row
 
 
-def _lines(path: str) -> Iterator[tuple[int, bytes, bool]]:
-    """(1-based number, bytes, is the unterminated last line) of each non-blank line."""
+def _count_lines_before(f, offset: int) -> int:
+    f.seek(0)
+    count, left = 0, offset
+    while left > 0:
+        chunk = f.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def _lines(path: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes, bool]]:
+    """(1-based number, bytes, is the unterminated last line) of each non-blank line starting in [start, end)."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        first = _count_lines_before(f, start) + 1 if start else 1
+        f.seek(start)
+        position = start
+        for number, raw in enumerate(f, start=first):
+            if end is not None and position >= end:
+                break
+            position += len(raw)
             if raw.strip():
                 yield number, raw, not raw.endswith(b"\n")
 
@@ -172,37 +246,54 @@ def _as_paths(paths: Paths) -> list[Path]:
     return paths
 
 
+def _check_not_empty(path: Path) -> None:
+    """A file of nothing but whitespace is an error even with `skip_invalid` (read up to its first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return
+    raise DataError(path, None, "empty_file", "empty file (no records)")
+
+
+def _encode_conversations(
+    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, max_length: int | None
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each conversation, as TRL's `SFTTrainer` with `assistant_only_loss=True` builds them."""
+    encoded = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    pairs = []
+    for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True):
+        ids = list(ids[:max_length])
+        pairs.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=False)]))
+    return pairs
+
+
 def encode_conversation(
     messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int | None
 ) -> dict[str, list[int]]:
     """Token ids and labels (-100 where not supervised) of one conversation, as TRL's `SFTTrainer` with
     `assistant_only_loss=True` and this `max_length` builds them: the whole conversation is tokenized with
-    the tokenizer's chat template and assistant mask, then cut to `max_length`."""
-    if not has_generation_markers(tokenizer.chat_template):
+    the tokenizer's chat template and assistant mask, then cut to `max_length`. The recipes' datasets are
+    made by the same function."""
+    _check_template(tokenizer)
+    ids, labels = _encode_conversations([messages], tokenizer, max_length)[0]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> list[list[int]]:
+    """`<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length` (the end token only when the text fits)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    # Cut here rather than with the tokenizer's `truncation`, which it would keep as state after the call.
+    return [
+        ([bos] + ids[:max_length] + [eos])[:max_length]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+
+
+def _check_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not has_generation_markers(tokenizer.chat_template or ""):
         raise ValueError("the tokenizer's chat template has no {% generation %} markers: load it with load_tokenizer")
-    encoded = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-    ids = list(encoded["input_ids"])
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, encoded["assistant_masks"], strict=True)]
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-
-
-def _supervision_check(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict], None]:
-    def check(record: dict) -> None:
-        messages = record["messages"]
-        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        reply = messages[first]["content"]
-        prompt = tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
-        # A token covers at least one byte, so a short prompt (plus the reply's leading whitespace, which
-        # can merge into the header's last token) cannot push the first supervised token past max_length:
-        # rendering without tokenizing is much cheaper than the exact check below.
-        if len((prompt + reply[: len(reply) - len(reply.lstrip())]).encode()) < max_length:
-            return
-        # Up to the first assistant turn is enough: its tokens are a prefix of the whole conversation's.
-        labels = encode_conversation(messages[: first + 1], tokenizer, max_length)["labels"]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise _Invalid("unsupervised", f"no supervised token within max_length={max_length}")
-
-    return check
 
 
 def _read(paths: list[Path], kind: str, check=None) -> Iterator[tuple[Path, int, dict | _Invalid]]:
@@ -226,16 +317,10 @@ def scan(
     kind: str,
     *,
     skip_invalid: bool = False,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int | None = None,
     check: Callable[[dict], None] | None = None,
 ) -> LoadReport:
     """Validate every line of `paths` as `kind` ("sft" or "pretrain"), streaming; see the module doc. `check(row)`
-    may reject a parsed row by raising `InvalidRecord` (the SFT supervision check when given tokenizer and
-    max_length)."""
-    if (tokenizer is None) != (max_length is None):
-        raise ValueError("the supervision check needs both tokenizer and max_length")
-    check = _supervision_check(tokenizer, max_length) if tokenizer is not None else check
+    may reject a parsed row by raising `InvalidRecord`."""
     report = LoadReport()
     for path, number, record in _read(_as_paths(paths), kind, check):
         report.lines += 1
@@ -267,26 +352,34 @@ def iter_texts(paths: Paths) -> Iterator[str]:
             yield from (message["content"] for message in record["messages"])
 
 
-def _generate(files: list[tuple[str, int, int]], skips: list[tuple[int, ...]], kind: str) -> Iterator[dict]:
-    for (path, _size, _mtime), skip in zip(files, skips, strict=True):
+def _generate(files: list[tuple], skips: list[tuple[int, ...]], kind: str) -> Iterator[dict]:
+    for (path, *_identity), skip in zip(files, skips, strict=True):
         skip = set(skip)
         for number, raw, unterminated in _lines(path):
             if number not in skip:
                 yield _parse(raw, unterminated, kind)
 
 
-def _load(paths: Paths, kind: str, streaming: bool, **scan_kwargs) -> Dataset | IterableDataset:
+def _file_identity(path: Path) -> tuple:
+    """What the caches are keyed on: an edit that keeps the size and the mtime (`os.utime`) still moves the ctime,
+    which no user tool can set back, and a file replaced by another (rename, copy) has another inode."""
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
+
+
+def _load(
+    paths: Paths, kind: str, streaming: bool, report: LoadReport | None = None, **scan_kwargs
+) -> Dataset | IterableDataset:
     paths = _as_paths(paths)
-    report = scan(paths, kind, **scan_kwargs)
-    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    report = scan(paths, kind, **scan_kwargs) if report is None else report
+    files = [_file_identity(p) for p in paths]
     skips = [tuple(report.skipped_lines.get(str(p), ())) for p in paths]
-    features = _FEATURES[kind]
-    # Size and mtime are in the generator's kwargs, which datasets hashes into the cache key.
+    # The files' identities are in the generator's kwargs, which datasets hashes into the cache key.
     gen_kwargs = {"files": files, "skips": skips, "kind": kind}
     if streaming:
-        dataset = IterableDataset.from_generator(_generate, features=features, gen_kwargs=gen_kwargs)
+        dataset = IterableDataset.from_generator(_generate, features=_FEATURES[kind], gen_kwargs=gen_kwargs)
     else:
-        dataset = Dataset.from_generator(_generate, features=features, gen_kwargs=gen_kwargs)
+        dataset = Dataset.from_generator(_generate, features=_FEATURES[kind], gen_kwargs=gen_kwargs)
     dataset.load_report = report
     return dataset
 
@@ -298,13 +391,22 @@ def load_sft_dataset(
     streaming: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
+    error_on_unsupervised: bool = False,
 ) -> Dataset | IterableDataset:
-    """SFT conversations from one or many `.jsonl` files as a `messages` column; see the module doc.
+    """SFT conversations from one or many `.jsonl` files as a `messages` column (TRL's conversational format);
+    see the module doc.
 
-    With `tokenizer` and `max_length`, a conversation with no supervised token within `max_length` is an
-    error too (problem `"unsupervised"`), or is skipped and counted with `skip_invalid`.
+    With `tokenizer` and `max_length`, the conversations `load_sft_tokenized` drops (no supervised token within
+    `max_length`) are left out too, or are an error with `error_on_unsupervised`.
     """
-    return _load(paths, "sft", streaming, skip_invalid=skip_invalid, tokenizer=tokenizer, max_length=max_length)
+    if (tokenizer is None) != (max_length is None):
+        raise ValueError("leaving out unsupervised conversations needs both tokenizer and max_length")
+    report = None
+    if tokenizer is not None:
+        report = load_sft_tokenized(
+            paths, tokenizer, max_length, skip_invalid=skip_invalid, error_on_unsupervised=error_on_unsupervised
+        ).load_report
+    return _load(paths, "sft", streaming, report, skip_invalid=skip_invalid)
 
 
 def load_pretrain_dataset(
@@ -326,22 +428,269 @@ def load_records(
     return _load(paths, kind, streaming, skip_invalid=skip_invalid, check=check)
 
 
-def _tokenize_texts(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    texts = tokenizer(batch["text"], add_special_tokens=False, truncation=True, max_length=max_length)
-    return {"input_ids": [([bos] + ids + [eos])[:max_length] for ids in texts["input_ids"]]}
+def _token_features(tokenizer: PreTrainedTokenizerBase) -> Features:
+    """The narrowest integer types that hold every id (uint16 up to 65,536 tokens) and every label (int16 up to
+    32,768, with -100): a quarter of the int64 lists a `map` would write."""
+    vocab = len(tokenizer)
+    ids = "uint16" if vocab <= 1 << 16 else "int32"
+    labels = "int16" if vocab <= 1 << 15 else "int32"
+    return Features(
+        {
+            "input_ids": List(Value(ids)),
+            "labels": List(Value(labels)),
+            "file": Value("int32"),
+            "line": Value("int64"),
+            "problem": Value("string"),
+            "detail": Value("string"),
+        }
+    )
 
 
-def tokenize_pretrain(
-    dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> Dataset | IterableDataset:
-    """`input_ids` = `<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length` (the end token is
-    kept only when the text fits). Every token is a training target."""
-    return dataset.map(
-        _tokenize_texts,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        remove_columns=["text"],
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return datasets.fingerprint.Hasher.hash(tokenizer)
+    state = json.loads(backend.to_str())
+    # Settings of the last call that the Rust tokenizer keeps; they do not change what the loaders encode.
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    # The tokenizer class's module holds code that decides masks (MiniMindTokenizer's rule after the header).
+    module = Path(getattr(sys.modules[type(tokenizer).__module__], "__file__", "") or os.devnull)
+    code = hashlib.sha256(module.read_bytes()).hexdigest()
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)]
+    return json.dumps([state, tokenizer.chat_template, type(tokenizer).__qualname__, code, special], sort_keys=True)
+
+
+def _fingerprint(paths: list[Path], kind: str, tokenizer: PreTrainedTokenizerBase, settings: list) -> str:
+    digest = hashlib.sha256()
+    # This module's code decides the rows; transformers' renders the template and computes the assistant masks.
+    for part in (Path(__file__).read_bytes(), transformers.__version__, kind, repr(settings)):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    digest.update(_tokenizer_identity(tokenizer).encode())
+    digest.update(repr([_file_identity(p) for p in paths]).encode())
+    return digest.hexdigest()[:32]
+
+
+def _processes(paths: list[Path], num_proc: int | None) -> int:
+    """`num_proc` worker processes (default: one per CPU), fewer where the input is too small to be worth them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    wanted = cpus if num_proc is None else max(1, num_proc)
+    worth = -(-sum(p.stat().st_size for p in paths) // BYTES_PER_PROCESS)
+    return max(1, min(wanted, worth))
+
+
+def _line_start(path: Path, offset: int) -> int:
+    """The first line start at or after `offset`."""
+    if offset == 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        f.readline()
+        return f.tell()
+
+
+def _byte_ranges(paths: list[Path], parts: int) -> list[list[tuple[str, int, int, int]]]:
+    """The files cut into at most `parts` runs of about equal bytes, each a list of (path, file index, start, end)
+    and every cut at a line start, in order: one run per worker process."""
+    sizes = [p.stat().st_size for p in paths]
+    total = sum(sizes)
+    cuts = set()
+    for k in range(1, parts):
+        target, i = total * k // parts, 0
+        while target >= sizes[i]:
+            target -= sizes[i]
+            i += 1
+        offset = _line_start(paths[i], target)
+        if offset >= sizes[i]:
+            i, offset = i + 1, 0
+        if i < len(paths) and (i, offset) != (0, 0):
+            cuts.add((i, offset))
+    bounds = [(0, 0), *sorted(cuts), (len(paths), 0)]
+    runs = []
+    for (first, start), (last, stop) in itertools.pairwise(bounds):
+        run = []
+        for i in range(first, min(last, len(paths) - 1) + 1):
+            begin, end = (start if i == first else 0), (stop if i == last else sizes[i])
+            if end > begin:
+                run.append((str(paths[i]), i, begin, end))
+        if run:
+            runs.append(run)
+    return runs
+
+
+def _encoded_rows(pending: list, file: int, kind: str, tokenizer, max_length, assistant_only: bool) -> Iterator[dict]:
+    parsed = [record for _, record in pending if not isinstance(record, _Invalid)]
+    if not parsed:
+        encoded = iter(())
+    elif kind == "pretrain":
+        encoded = ((ids, ids) for ids in _encode_texts([r["text"] for r in parsed], tokenizer, max_length))
+    else:
+        encoded = iter(_encode_conversations([r["messages"] for r in parsed], tokenizer, max_length))
+    for number, record in pending:
+        row = {"input_ids": [], "labels": [], "file": file, "line": number, "problem": None, "detail": None}
+        if isinstance(record, _Invalid):
+            row.update(problem=record.problem, detail=record.detail)
+        else:
+            ids, labels = next(encoded)
+            if not assistant_only:
+                labels = ids
+            if all(label == IGNORE_INDEX for label in labels):
+                row.update(problem="unsupervised", detail=f"no supervised token within max_length={max_length}")
+            else:
+                row.update(input_ids=ids, labels=labels)
+        yield row
+
+
+def _tokenized_rows(
+    runs: list[list[tuple[str, int, int, int]]],
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    assistant_only: bool,
+) -> Iterator[dict]:
+    """One row per line of each run, in order: its tokens, or the problem that keeps it out (with file and line)."""
+    for run in runs:
+        for path, file, start, end in run:
+            pending = []
+            for number, raw, unterminated in _lines(path, start, end):
+                try:
+                    pending.append((number, _parse(raw, unterminated, kind)))
+                except _Invalid as invalid:
+                    pending.append((number, invalid))
+                if len(pending) == ENCODE_BATCH:
+                    yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only)
+                    pending = []
+            yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only)
+
+
+def _named(rows: list[dict], paths: list[Path]) -> str:
+    named = ", ".join(f"{paths[row['file']]}:{row['line']}" for row in rows[:NAMED_IN_LOG])
+    return named + (f" and {len(rows) - NAMED_IN_LOG} more" if len(rows) > NAMED_IN_LOG else "")
+
+
+def _tokenized(
+    paths: Paths,
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    *,
+    skip_invalid: bool,
+    error_on_unsupervised: bool,
+    num_proc: int | None,
+    assistant_only: bool = True,
+) -> Dataset:
+    paths = _as_paths(paths)
+    for path in paths:
+        _check_not_empty(path)
+    if kind == "sft" and assistant_only:
+        _check_template(tokenizer)
+    runs = _byte_ranges(paths, _processes(paths, num_proc))
+    stream = GeneratorDatasetInputStream(
+        generator=_tokenized_rows,
+        features=_token_features(tokenizer),
+        gen_kwargs={
+            "runs": runs,
+            "kind": kind,
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "assistant_only": assistant_only,
+        },
+        num_proc=len(runs) if len(runs) > 1 else None,
+        fingerprint=_fingerprint(paths, kind, tokenizer, [max_length, assistant_only]),
+    )
+    # Malformed lines are reported before anything is tokenized, by a scan that only parses (about 1/20 of the
+    # cost of tokenizing). A cached dataset already holds every line's problem, and needs no scan.
+    if not skip_invalid and not Path(stream.builder.cache_dir, datasets.config.DATASET_INFO_FILENAME).is_file():
+        scan(paths, kind)
+    dataset = stream.read()
+
+    problems = dataset.with_format("arrow")["problem"]
+    bad = np.flatnonzero(problems.is_valid().to_numpy(zero_copy_only=False))
+    report = LoadReport(lines=len(dataset), loaded=len(dataset) - len(bad))
+    columns = ["file", "line", "problem", "detail"]
+    rows = dataset.with_format("arrow")[bad.tolist()].select(columns).to_pylist() if len(bad) else []
+    for row in rows:
+        if (row["problem"] == "unsupervised" and error_on_unsupervised) or (
+            row["problem"] != "unsupervised" and not skip_invalid
+        ):
+            raise DataError(paths[row["file"]], row["line"], row["problem"], row["detail"])
+        report.skipped[row["problem"]] += 1
+        report.skipped_lines.setdefault(str(paths[row["file"]]), []).append(row["line"])
+    invalid = [row for row in rows if row["problem"] != "unsupervised"]
+    dropped = [row for row in rows if row["problem"] == "unsupervised"]
+    if invalid:
+        kinds = ", ".join(f"{n} {problem}" for problem, n in Counter(r["problem"] for r in invalid).most_common())
+        logger.warning(
+            "skipped %d invalid lines of %d (%s): %s", len(invalid), len(dataset), kinds, _named(invalid, paths)
+        )
+    if dropped:
+        logger.warning(
+            "dropped %d of %d conversations with no supervised token within max_length=%s (the prompt fills it; "
+            "error_on_unsupervised: true makes this an error): %s",
+            len(dropped),
+            len(dataset),
+            max_length,
+            _named(dropped, paths),
+        )
+    if report.loaded == 0:
+        where = ", ".join(str(p) for p in paths)
+        raise DataError(where, None, "no_records", f"no usable records: all {len(dataset)} lines were left out")
+    if len(bad):
+        dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), bad))
+    dataset = dataset.select_columns(["input_ids", "labels"])
+    dataset.load_report = report
+    return dataset
+
+
+def load_sft_tokenized(
+    paths: Paths,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    *,
+    skip_invalid: bool = False,
+    error_on_unsupervised: bool = False,
+    num_proc: int | None = None,
+    assistant_only_loss: bool = True,
+) -> Dataset:
+    """SFT conversations as `input_ids` and `labels`, tokenized once as TRL's `SFTTrainer` tokenizes them (the
+    chat template, the assistant mask, cut to `max_length`), ready for `SFTTrainer` to pack; see the module doc.
+
+    A conversation with no supervised token within `max_length` is dropped and named in the log, or is a
+    `DataError` with `error_on_unsupervised`. `num_proc` worker processes tokenize (default: one per CPU, fewer
+    for small files). Without `assistant_only_loss` every token is a target.
+    """
+    return _tokenized(
+        paths,
+        "sft",
+        tokenizer,
+        max_length,
+        skip_invalid=skip_invalid,
+        error_on_unsupervised=error_on_unsupervised,
+        num_proc=num_proc,
+        assistant_only=assistant_only_loss,
+    )
+
+
+def load_pretrain_tokenized(
+    paths: Paths,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    *,
+    skip_invalid: bool = False,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Pretraining texts as `input_ids` = `<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length` (the end
+    token is kept only when the text fits), and `labels` equal to them: every token is a target. One pass, like
+    `load_sft_tokenized`."""
+    return _tokenized(
+        paths,
+        "pretrain",
+        tokenizer,
+        max_length,
+        skip_invalid=skip_invalid,
+        error_on_unsupervised=False,
+        num_proc=num_proc,
+        assistant_only=False,
     )
 
 
@@ -380,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.line < 1:
         parser.error("--line counts from 1")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max_length must be positive, got {args.max_length}")
     try:
         _show(args)
     except (OSError, ValueError) as error:

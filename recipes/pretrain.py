@@ -12,16 +12,23 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
-from minimind_hf.data import load_pretrain_dataset, tokenize_pretrain
+from minimind_hf.data import load_pretrain_tokenized
 from minimind_hf.training import MiniMindArguments, Stage, run_cli, run_recipe
 
 
 def load_datasets(
     args: MiniMindArguments, training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, Dataset | None]:
+    """Texts tokenized once by `dataset_num_proc` processes, every token a target; `SFTTrainer` only packs them."""
+
     def load(paths):
-        texts = load_pretrain_dataset(paths, skip_invalid=args.skip_invalid)
-        return tokenize_pretrain(texts, tokenizer, training_args.max_length)
+        return load_pretrain_tokenized(
+            paths,
+            tokenizer,
+            training_args.max_length,
+            skip_invalid=args.skip_invalid,
+            num_proc=training_args.dataset_num_proc,
+        )
 
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
 

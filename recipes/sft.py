@@ -11,21 +11,33 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
-from minimind_hf.data import load_sft_dataset
+from minimind_hf.data import load_sft_tokenized
 from minimind_hf.training import MiniMindArguments, Stage, run_cli, run_recipe
 
 
 def load_datasets(
     args: MiniMindArguments, training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, Dataset | None]:
-    """Conversations as TRL's `messages`; TRL applies the chat template and the assistant-only mask."""
+    """Conversations tokenized once, as TRL would (chat template, assistant-only mask, cut to `max_length`), by
+    `dataset_num_proc` processes; `SFTTrainer` takes them as processed and only packs them. A conversation with no
+    supervised token within `max_length` is dropped and named in the log (`error_on_unsupervised` to refuse it)."""
 
     def load(paths):
-        return load_sft_dataset(
-            paths, skip_invalid=args.skip_invalid, tokenizer=tokenizer, max_length=training_args.max_length
+        return load_sft_tokenized(
+            paths,
+            tokenizer,
+            training_args.max_length,
+            skip_invalid=args.skip_invalid,
+            error_on_unsupervised=args.error_on_unsupervised,
+            num_proc=training_args.dataset_num_proc,
+            assistant_only_loss=training_args.assistant_only_loss,
         )
 
-    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+    loaded = load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+    # The labels now carry the assistant-only mask; TRL applies `assistant_only_loss` only to conversations it
+    # tokenizes itself, and refuses the key for tokenized rows.
+    training_args.assistant_only_loss = False
+    return loaded
 
 
 SFT = Stage(name="sft", load_datasets=load_datasets, defaults={"assistant_only_loss": True})
