@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import uuid
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.utils import X_REQUEST_ID, GenerationState
@@ -47,7 +46,6 @@ from .training import generation_config
 
 # The roles MiniMind's chat template renders (a "tool" message is a tool's result, shown to the model as user input).
 ROLES = ("system", "user", "assistant", "tool")
-logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
@@ -90,6 +88,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _in_range(value: Any, low: float, high: float, low_open: bool = False) -> bool:
+    return _is_number(value) and (low < value if low_open else low <= value) and value <= high
+
+
 def _message_problem(message: Any) -> str | None:
     if not isinstance(message, dict):
         return "is not an object"
@@ -128,10 +130,23 @@ def check_chat_request(body: Any, served_name: str) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
         if body.get(key) is not None and not (_is_int(body[key]) and body[key] >= 1):
             raise RequestError(400, f"{key!r} must be an integer of at least 1, got {body[key]!r}", key)
-    ranges = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
-    for key, (low, high) in ranges.items():
-        if body.get(key) is not None and not (_is_number(body[key]) and low <= body[key] <= high):
-            raise RequestError(400, f"{key!r} must be a number in [{low:g}, {high:g}], got {body[key]!r}", key)
+    ranges = {"temperature": ("[", 0.0, 2.0), "top_p": ("(", 0.0, 1.0), "frequency_penalty": ("[", -2.0, 2.0)}
+    for key, (bracket, low, high) in ranges.items():
+        value = body.get(key)
+        if value is not None and not _in_range(value, low, high, low_open=bracket == "("):
+            raise RequestError(400, f"{key!r} must be a number in {bracket}{low:g}, {high:g}], got {value!r}", key)
+    # Fields the handler takes as they come: a wrong type would otherwise fail inside it as a 500.
+    types = {"seed": int, "tools": list, "chat_template_kwargs": dict, "logit_bias": dict, "generation_config": str}
+    for key, kind in types.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise RequestError(400, f"{key!r} must be of type {kind.__name__}, got {value!r}", key)
+    if body.get("generation_config") is not None:
+        try:
+            GenerationConfig(**json.loads(body["generation_config"]))
+        except (ValueError, TypeError) as err:
+            message = f"'generation_config' must be a JSON object of generation settings ({err})"
+            raise RequestError(400, message, "generation_config") from err
     if body.get("n") not in (None, 1):
         raise RequestError(400, "only n=1 is supported", "n")
     if not isinstance(body.get("stream", False), bool):
@@ -163,7 +178,7 @@ def build_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: 
 
     @app.exception_handler(Exception)
     async def _failed(_request: Request, err: Exception) -> JSONResponse:
-        logger.exception("chat completion failed")
+        # Starlette still re-raises it after this answer, so uvicorn logs the traceback.
         return error_response(500, f"generation failed: {err}")
 
     @app.post("/v1/chat/completions")

@@ -212,7 +212,14 @@ BAD_REQUESTS = {
     "content not text": (json.dumps({**GOOD, "messages": [{"role": "user", "content": 3}]}).encode(), 400, "content"),
     "negative max_tokens": (json.dumps({**GOOD, "max_tokens": -5}).encode(), 400, "max_tokens"),
     "temperature out of range": (json.dumps({**GOOD, "temperature": -1}).encode(), 400, "temperature"),
+    "top_p of 0": (json.dumps({**GOOD, "top_p": 0}).encode(), 400, "top_p"),
     "n > 1": (json.dumps({**GOOD, "n": 3}).encode(), 400, "n=1"),
+    "tools not a list": (json.dumps({**GOOD, "tools": "get_weather"}).encode(), 400, "tools"),
+    "bad generation_config": (
+        json.dumps({**GOOD, "generation_config": '{"max_new_tokens": -1}'}).encode(),
+        400,
+        "generation_config",
+    ),
     "unknown model": (json.dumps({**GOOD, "model": "gpt-4"}).encode(), 404, "'gpt-4' is not served"),
     "unknown field": (json.dumps({**GOOD, "colour": "red"}).encode(), 422, "colour"),
 }
