@@ -6,6 +6,7 @@ each dataset column (`answer`, `task`, ...) comes as a keyword list. `None` mean
 TRL leaves it out of the sum.
 
     exact_match        1.0 when the reply, stripped, equals the row's `answer` (stripped); None without one
+    answer_match       the same for the content of the reply's `<answer>` block (a reasoning reply)
     reasoning_format   0.5 when the reply is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (MiniMind)
     reasoning_tags     0.25 for each of the four tags that occurs exactly once (MiniMind)
     think_format_reward, accuracy_reward, reasoning_accuracy_reward, soft_overlong_punishment,
@@ -17,6 +18,11 @@ model's score; `resolve_reward_funcs` builds the list from names or `module.func
 
 Completions are untrusted text: every function takes empty, huge, tag-less or undecodable replies (bytes, lone
 surrogates) and answers in time linear in the reply's length.
+
+Score a model's greedy replies to held-out prompts with any of them:
+
+    python -m minimind_hf.rewards --model out/demo/reason --data data/eval.jsonl \
+        --rewards reasoning_format reasoning_tags answer_match
 """
 
 from __future__ import annotations
@@ -50,6 +56,26 @@ def exact_match(completions: Sequence[Any], answer: Sequence[str | None] | None 
         None if expected is None else float(completion_text(c).strip() == expected.strip())
         for c, expected in zip(completions, answers, strict=True)
     ]
+
+
+def answer_block(text: str) -> str | None:
+    """The content of the first `<answer>...</answer>` block, or None (MiniMind: `<answer>(.*?)</answer>`)."""
+    start = text.find(ANSWER_OPEN)
+    if start == -1:
+        return None
+    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+    return None if end == -1 else text[start + len(ANSWER_OPEN) : end]
+
+
+def answer_match(completions: Sequence[Any], answer: Sequence[str | None] | None = None, **kwargs) -> list:
+    """`exact_match` on the content of the reply's `<answer>` block (0.0 when it has none): checks a reasoning
+    reply's answer, as MiniMind scores the answer block apart."""
+    answers = answer if answer is not None else [None] * len(completions)
+    scores = []
+    for c, expected in zip(completions, answers, strict=True):
+        block = answer_block(completion_text(c))
+        scores.append(None if expected is None else float(block is not None and block.strip() == expected.strip()))
+    return scores
 
 
 def _matches_reasoning_format(text: str) -> bool:
@@ -123,6 +149,7 @@ def _plain(func: RewardFunc) -> Callable[[Any], RewardFunc]:
 # Name -> a builder taking the recipe's GRPOConfig (some rewards are sized by it).
 REWARD_FUNCS: dict[str, Callable[[Any], RewardFunc]] = {
     "exact_match": _plain(exact_match),
+    "answer_match": _plain(answer_match),
     "reasoning_format": _plain(reasoning_format),
     "reasoning_tags": _plain(reasoning_tags),
     "think_format_reward": _trl_reward("think_format_reward"),
@@ -155,3 +182,55 @@ def resolve_reward_funcs(names: Sequence[str], training_args: Any = None) -> lis
             raise ValueError(f"reward '{name}' is not callable")
         funcs.append(func)
     return funcs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Mean reward per task of a model's greedy replies to the prompts of an evaluation file."""
+    import argparse
+    import json
+    from collections import defaultdict
+
+    from .chat import generate_replies
+    from .evaluate import load_eval_rows
+    from .loading import add_model_arguments, load_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m minimind_hf.rewards", description=main.__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="evaluation rows (conversations, task, answer)")
+    parser.add_argument("--rewards", nargs="+", default=["reasoning_format", "reasoning_tags", "answer_match"])
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--out", help="write the scores and every reply as JSON")
+    args = parser.parse_args(argv)
+    try:
+        funcs = resolve_reward_funcs(args.rewards, argparse.Namespace(max_completion_length=args.max_new_tokens))
+        rows = load_eval_rows(args.data)
+    except ValueError as err:
+        parser.exit(1, f"error: {err}\n")
+    model, tokenizer = load_from_args(args, parser)
+    replies = []
+    for start in range(0, len(rows), args.batch_size):
+        batch = [row["prompt"] for row in rows[start : start + args.batch_size]]
+        replies += generate_replies(model, tokenizer, batch, max_new_tokens=args.max_new_tokens, greedy=True)
+    columns = {"answer": [row["answer"] for row in rows], "task": [row["task"] for row in rows]}
+    scores = {name: func(replies, **columns) for name, func in zip(args.rewards, funcs, strict=True)}
+    by_task = defaultdict(lambda: defaultdict(list))
+    for name, values in scores.items():
+        for row, value in zip(rows, values, strict=True):
+            if value is not None:
+                by_task[row["task"]][name].append(value)
+                by_task["overall"][name].append(value)
+    table = {task: {name: sum(v) / len(v) for name, v in named.items()} for task, named in by_task.items()}
+    print(f"{'task':<10} " + " ".join(f"{name:>18}" for name in args.rewards))
+    for task in sorted(table, key=lambda t: (t == "overall", t)):
+        print(f"{task:<10} " + " ".join(f"{table[task].get(name, float('nan')):>18.3f}" for name in args.rewards))
+    samples = [{"prompt": row["prompt"], "reply": reply} for row, reply in zip(rows, replies, strict=True)]
+    report = {"mean": table, "samples": samples}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, ensure_ascii=False, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

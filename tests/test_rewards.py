@@ -2,6 +2,7 @@
 registry, and replies no model should send (empty, huge, undecodable, without tags)."""
 
 import itertools
+import json
 import random
 import re
 import time
@@ -11,11 +12,13 @@ import pytest
 
 from minimind_hf.rewards import (
     REWARD_FUNCS,
+    answer_match,
     exact_match,
     reasoning_format,
     reasoning_tags,
     resolve_reward_funcs,
 )
+from minimind_hf.rewards import main as reward_main
 
 # MiniMind's train_grpo.py, reasoning_model_reward: its two patterns and mark_num, as written there.
 PATTERNS = (
@@ -144,3 +147,36 @@ def test_registry_and_import_paths():
 def test_bad_reward_names_are_named(name, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_reward_funcs([name], SimpleNamespace(max_completion_length=8))
+
+
+def test_answer_match_reads_the_answer_block():
+    replies = [
+        "<think>\n3 + 4 = 7\n</think>\n<answer>\n7\n</answer>",
+        "<answer> 7 </answer> <answer>8</answer>",
+        "<answer>\n8\n</answer>",
+        "7",
+        "<answer>\n7",
+    ]
+    assert answer_match(replies, answer=["7"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert answer_match(["<answer>7</answer>"], answer=[None]) == [None]
+
+
+def test_scoring_cli_reports_means_per_task(tmp_path, capsys):
+    from minimind_hf.testing import save_hf_dir, tiny_model, write_jsonl
+
+    model_dir = save_hf_dir(tiny_model(vocab_size=2048), tmp_path / "model")
+    rows = [
+        {
+            "conversations": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}],
+            "task": "add" if i % 2 else "other",
+            "answer": str(i + 1),
+        }
+        for i in range(4)
+    ]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    out = tmp_path / "scores.json"
+    report = reward_main(["--model", str(model_dir), "--data", str(data), "--max_new_tokens", "3", "--out", str(out)])
+    assert set(report["mean"]) == {"add", "other", "overall"}
+    assert set(report["mean"]["overall"]) == {"reasoning_format", "reasoning_tags", "answer_match"}
+    assert len(report["samples"]) == 4 and json.loads(out.read_text())["mean"] == report["mean"]
+    assert "overall" in capsys.readouterr().out
