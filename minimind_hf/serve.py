@@ -22,6 +22,8 @@ handler through a `ModelManager` pinned to it; the routes are a small FastAPI ap
 checks above must run before the handler (it answers a missing `messages` or a negative `max_tokens` with a
 500, and accepts any role). Requests are served one generation at a time: the handler's `GenerateManager`
 runs every `generate` on one inference thread fed by a queue, so concurrent requests wait their turn.
+These classes are those of `transformers.cli.serving` (transformers 5.24), which is not a documented API: a
+transformers release that moves them breaks this module's imports, and `tests/test_serve.py` says so at once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import uuid
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -221,9 +224,6 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_from_args(args, parser)
     app = build_app(model, tokenizer, args.served_model_name or args.model)
-
-    import uvicorn
-
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
