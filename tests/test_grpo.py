@@ -17,7 +17,7 @@ from minimind_hf.data import DataError
 from minimind_hf.grpo import load_grpo_dataset
 from minimind_hf.testing import REPO_ROOT, TINY_RECIPE, TOKENIZER_DIR, StepCounter, tiny_model, write_jsonl
 from minimind_hf.tokenizer import load_tokenizer
-from minimind_hf.training import RecipeError
+from minimind_hf.training import RecipeError, parse_recipe
 
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import grpo  # noqa: E402
@@ -242,3 +242,15 @@ def test_torchrun_two_processes_then_resume(tmp_path):
     trainer = grpo.main(["--config", str(recipe), "--resume_from_checkpoint", "true"], callbacks=[counter])
     assert trainer.state.global_step == 2 and counter.steps == 1, "resumed after step 1, not from the start"
     assert trainer.state.log_history[0] == state["log_history"][0], "the first step's log comes from the checkpoint"
+
+
+@pytest.mark.parametrize("name", ["grpo.yaml", "demo/grpo.yaml"])
+def test_shipped_recipes_parse(name):
+    args, training_args = parse_recipe(
+        (grpo.GRPO.arguments_class, grpo.GRPO.config_class),
+        ["--config", str(REPO_ROOT / "recipes" / name)],
+        grpo.GRPO.defaults,
+    )
+    assert training_args.num_generations == 8 and training_args.beta == 0.02 and training_args.loss_type == "grpo"
+    assert training_args.generation_batch_size % training_args.num_generations == 0
+    assert args.reward_funcs and not training_args.activation_checkpointing
