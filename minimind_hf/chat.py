@@ -11,10 +11,12 @@ Prompts are rendered with the tokenizer's chat template (generation prompt added
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
+from .guards import device_problem, non_negative_float, non_negative_int, positive_int, probability, seed
 from .loading import DTYPES, add_model_arguments, load_from_args, load_model_and_tokenizer
 from .tokenizer import EOS_TOKEN
 
@@ -84,9 +86,22 @@ def generate_reply(
     return generate_replies(model, tokenizer, [messages], **sampling)[0]
 
 
+def _not_utf8(text: str) -> bool:
+    """Whether `text` came from bytes that are not UTF-8 (decoded with surrogateescape, as argv is)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
     history: list[tuple[str, str]] = []
     print(f"Chatting with {args.model}: /clear forgets the history, /exit or Ctrl-D quits.")
+    # Strict decoding would raise on the first byte that is not UTF-8 and end the session with its history:
+    # escaped, such a line is refused below and the session goes on.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             prompt = input("> ").strip()
@@ -98,9 +113,16 @@ def _chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
         if prompt == "/clear":
             history.clear()
             continue
+        if _not_utf8(prompt):
+            print("error: that line is not valid UTF-8 (check the terminal's encoding); type it again", file=sys.stderr)
+            continue
         if prompt:
             messages = build_messages(history, prompt, args.system, args.history)
-            reply = generate_reply(model, tokenizer, messages, streamer=_streamer(tokenizer), **sampling)
+            try:
+                reply = generate_reply(model, tokenizer, messages, streamer=_streamer(tokenizer), **sampling)
+            except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session
+                print("\n(reply interrupted; not kept in the history)")
+                continue
             history.append((prompt, reply))
 
 
@@ -113,13 +135,22 @@ def main(argv: list[str] | None = None) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeat for several prompts)")
     parser.add_argument("--system", help="system prompt (default: the chat template's)")
-    parser.add_argument("--history", type=int, default=4, help="previous turns kept in the context (default 4)")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.85)
-    parser.add_argument("--top_p", type=float, default=0.85)
+    parser.add_argument(
+        "--history", type=non_negative_int, default=4, help="previous turns kept in the context (default 4)"
+    )
+    parser.add_argument("--max_new_tokens", type=positive_int, default=512)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.85, help="0 decodes greedily")
+    parser.add_argument("--top_p", type=probability, default=0.85)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--seed", type=seed, help="seed for reproducible sampling")
     args = parser.parse_args(argv)
+    # As in most sampling APIs; transformers itself rejects a temperature of 0.
+    args.greedy = args.greedy or args.temperature == 0
+    for text, flag in [(p, "--prompt") for p in args.prompt or ()] + [(args.system or "", "--system")]:
+        if _not_utf8(text):
+            parser.error(f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8")
+    if problem := device_problem(args.device):
+        parser.error(problem)
 
     model, tokenizer = load_from_args(args, parser)
     if args.seed is not None:

@@ -23,6 +23,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 
 from .chat import add_model_arguments, generate_replies, load_from_args
 from .data import IGNORE_INDEX, DataError, encode_conversation, scan
+from .guards import device_problem, non_negative_int, positive_int
 
 
 def load_eval_rows(path: str | Path) -> list[dict]:
@@ -118,12 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSON Lines evaluation set (conversations, task, answer)")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_length", type=int, default=512, help="truncation for the loss, as in training")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N rows")
-    parser.add_argument("--samples", type=int, default=5, help="rows copied into the JSON with their prediction")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_length", type=positive_int, default=512, help="truncation for the loss, as in training")
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N rows")
+    parser.add_argument(
+        "--samples", type=non_negative_int, default=5, help="rows copied into the JSON with their prediction"
+    )
     args = parser.parse_args(argv)
+    # Checked before the model runs: a bad --out would otherwise fail only after the whole evaluation.
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; name the JSON file to write")
+    if problem := device_problem(args.device):
+        parser.error(problem)
 
     try:
         rows = load_eval_rows(args.data)[: args.limit]

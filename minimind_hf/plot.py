@@ -48,6 +48,13 @@ def plot_trainer_state(state_path: str | Path, out_path: str | Path | None = Non
         history = json.loads(state_path.read_text())["log_history"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{state_path}: not a trainer state with a log_history ({err!r})") from None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise ValueError(f"{state_path}: log_history is not a list of objects")
+    for number, entry in enumerate(history):
+        for key in ("step", "learning_rate", *LOSS_KEYS):
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{state_path}: log_history[{number}].{key} is {value!r}, not a number")
     curves = {label: _series(history, key) for key, label in LOSS_KEYS.items()}
     curves = {label: points for label, points in curves.items() if points[0]}
     if not curves:
@@ -79,10 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="PNG to write (default: loss.png in the directory given)")
     args = parser.parse_args(argv)
     run = Path(args.run)
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; name the PNG file to write")
     out = args.out or (run / "loss.png" if run.is_dir() else None)
     try:
         print(f"wrote {plot_trainer_state(find_trainer_state(run), out)}")
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # unreadable state, unwritable --out, a format matplotlib lacks
         parser.exit(1, f"error: {err}\n")
 
 

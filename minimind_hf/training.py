@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     GenerationConfig,
     PreTrainedTokenizerBase,
@@ -33,6 +34,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from . import guards
 from .checkpointing import (
     CheckpointError,
     SealCheckpointCallback,
@@ -47,6 +49,7 @@ from .checkpointing import (
 )
 from .convert import pth_name, save_pth
 from .data import DataError
+from .guards import RecipeError
 from .loading import ModelSourceError, tokenizer_source
 from .loading import load_model as load_any_model
 from .modeling_minimind import MiniMindForCausalLM
@@ -122,6 +125,19 @@ class MiniMindArguments:
         default_factory=lambda: ["<think>", "</think>", "<answer>", "</answer>"],
         metadata={"help": "the tags tag_loss_weight applies to (every token of each, where a tag is several)"},
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "a step with a non-finite gradient norm: stop (an error naming the step; nothing non-finite is "
+            "saved) or skip (its update is not applied; counted in the log)"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the run (checkpoints, final model) already in output_dir"}
+    )
+    allow_tokenizer_change: bool = field(
+        default=False, metadata={"help": "accept a tokenizer other than the one the model was trained with"}
+    )
 
     def __post_init__(self):
         # YAML may give a single path where a list is expected.
@@ -129,10 +145,6 @@ class MiniMindArguments:
             self.data_path = [self.data_path]
         if isinstance(self.eval_data_path, str):
             self.eval_data_path = [self.eval_data_path]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; raised before any model, data or output directory is touched."""
 
 
 def _known_keys(dataclass_types: tuple[type, ...]) -> set[str]:
@@ -158,6 +170,7 @@ def parse_recipe(
     the wrong type (`learning_rate: fast`) are rejected by argparse with the key's name.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    guards.check_command_line(argv)
     known = _known_keys(dataclass_types)
     if "--config" in argv:
         config_path = Path(argv[argv.index("--config") + 1])
@@ -175,7 +188,10 @@ def parse_recipe(
 
     parser = TrlParser(dataclass_types)
     parser.set_defaults(**{k: v for k, v in {**PROJECT_DEFAULTS, **(defaults or {})}.items() if k in known})
-    return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    try:
+        return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    except (ValueError, TypeError) as err:  # the config classes' own checks (`report_to: wandbx`, ...)
+        raise RecipeError(f"invalid recipe: {err}") from err
 
 
 def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
@@ -191,8 +207,8 @@ def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
         )
     except ModelSourceError as err:
         raise RecipeError(f"model_name_or_path {err}") from err
-    except ValueError as err:
-        raise RecipeError(str(err)) from err
+    except (ValueError, StrictDataclassError) as err:  # a config field of the wrong type (`dropout=2`)
+        raise RecipeError(str(err).replace("\n", " ")) from err
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -482,16 +498,21 @@ def run_recipe(
     the trainer; `before_train(trainer)` sees it just before training (tests and the fault-injection harness).
     """
     args, training_args = parse_recipe((stage.arguments_class, stage.config_class), argv, stage.defaults)
+    guards.check_recipe(args, training_args)
     resume_from = resolve_resume(training_args)
+    guards.check_resume_point(resume_from)
+    guards.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
     try:
         tokenizer = load_tokenizer(tokenizer_path(args))
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise RecipeError(f"tokenizer {tokenizer_path(args)}: cannot load it ({err})") from err
+    guards.check_tokenizer_change(args, tokenizer, resume_from)
     train_dataset, eval_dataset = stage.load_datasets(args, training_args, tokenizer)
     # The original seeds before it builds the model (`setup_seed(42 + rank)`): a fresh model's weights are part
     # of what the seed decides. The Trainer seeds again in its constructor, which changes nothing here.
     set_seed(training_args.seed)
     model = load_model(args)
+    guards.check_model_fits(model, tokenizer, getattr(training_args, "max_length", None))
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config)
     finished = resume_from is not None and training_finished(resume_from, training_args)
@@ -502,31 +523,37 @@ def run_recipe(
         else:
             model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
     check_output_dir(training_args.output_dir)
-    loggers = start_swanlab(args, training_args, resume_from)
+    with guards.run_lock(training_args.output_dir):
+        if resume_from is None and args.overwrite_output_dir:
+            guards.clear_previous_run(training_args.output_dir)
+        loggers = start_swanlab(args, training_args, resume_from)
 
-    # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
-    sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
-    training_args.save_total_limit = None
-    trainer = stage.build_trainer(
-        model, tokenizer, training_args, train_dataset, eval_dataset, [sealing, *loggers, *callbacks], args
-    )
-    if before_train is not None:
-        before_train(trainer)
-    if finished:
-        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-    else:
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except Exception as err:
-            folder = interrupted_save(training_args.output_dir, trainer.state.global_step)
-            if folder is None or not trainer.is_world_process_zero():
-                raise
-            raise save_failed(training_args.output_dir, folder, err) from err
-    save_final(trainer, args, tokenizer, stage.write_pth)
-    if loggers and trainer.is_world_process_zero():
-        import swanlab
+        # Before the seal callback, so that a save it cancels never reaches the seal.
+        guard = guards.NonFiniteGuard(args.on_nonfinite)
+        # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
+        sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
+        training_args.save_total_limit = None
+        trainer = stage.build_trainer(
+            model, tokenizer, training_args, train_dataset, eval_dataset, [guard, sealing, *loggers, *callbacks], args
+        )
+        if before_train is not None:
+            before_train(trainer)
+        if finished:
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        else:
+            try:
+                trainer.train(resume_from_checkpoint=resume_from)
+            except Exception as err:
+                folder = interrupted_save(training_args.output_dir, trainer.state.global_step)
+                if folder is None or not trainer.is_world_process_zero():
+                    raise
+                raise save_failed(training_args.output_dir, folder, err) from err
+        guards.raise_if_diverged(trainer)
+        save_final(trainer, args, tokenizer, stage.write_pth)
+        if loggers and trainer.is_world_process_zero():
+            import swanlab
 
-        swanlab.finish()
+            swanlab.finish()
     return trainer
 
 

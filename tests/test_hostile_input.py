@@ -1,6 +1,9 @@
 """Broken or hostile input stops the SFT recipe before training, with a message naming the problem, and leaves the
-output directory (an earlier run's model and checkpoint) byte for byte as it was."""
+output directory (an earlier run's model and checkpoint) byte for byte as it was. The recipes say
+`overwrite_output_dir: true`, so that the output directory is at risk: only the input's own error may stop them.
+The chat command's interactive session survives hostile input too."""
 
+import io
 import json
 import os
 import re
@@ -10,10 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
+from minimind_hf import chat as chat_module
 from minimind_hf.checkpointing import MANIFEST
 from minimind_hf.convert import save_pth
+from minimind_hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -36,7 +42,7 @@ def jsonl(*extra: str | dict) -> bytes:
 
 
 def write_recipe(directory: Path, **overrides) -> Path:
-    return write_tiny_recipe(directory, **overrides)
+    return write_tiny_recipe(directory, **{"overwrite_output_dir": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +108,26 @@ def data_dir(tmp_path: Path, earlier_run: Path) -> dict:
     return {"data_path": str(tmp_path / "data_dir")}
 
 
+def final_model_as_resume_point(tmp_path: Path, earlier_run: Path) -> dict:
+    return {"resume_from_checkpoint": str(tmp_path / "out")}
+
+
+def tokenizer_of_another_vocabulary(tmp_path: Path, earlier_run: Path) -> dict:
+    tokenizer = load_tokenizer(REPO / "data" / "tokenizer")
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "other_tokenizer")
+    return {
+        "model_name_or_path": str(tmp_path / "out"),
+        "tokenizer_name_or_path": str(tmp_path / "other_tokenizer"),
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def not_a_tokenizer(tmp_path: Path, earlier_run: Path) -> dict:
+    (tmp_path / "empty").mkdir()
+    return {"tokenizer_name_or_path": str(tmp_path / "empty")}
+
+
 TEN_MB_TURN = {
     "conversations": [{"role": "user", "content": "word " * 2_000_000}, {"role": "assistant", "content": "ok"}]
 }
@@ -122,7 +148,11 @@ CASES = {
         {},
         r":9: message 0 content is of type int, not a string",
     ),
-    "10 MB line": (jsonl(TEN_MB_TURN), {}, r"sft.jsonl:9: no supervised token within max_length=64"),
+    "10 MB line": (
+        jsonl(TEN_MB_TURN),
+        {"error_on_unsupervised": True},
+        r"sft.jsonl:9: no supervised token within max_length=64",
+    ),
     "data path is a directory": (None, data_dir, r"data_dir: is a directory"),
     "data file deleted before resume": (None, deleted_data, r"sft.jsonl: no such file"),
     "learning_rate: fast": (None, {"learning_rate": "fast"}, r"--learning_rate.*invalid float value: 'fast'"),
@@ -146,6 +176,56 @@ CASES = {
         truncated_checkpoint,
         r"no intact checkpoint in .*model.safetensors has",
     ),
+    "output_dir holds a finished run": (
+        None,
+        {"overwrite_output_dir": False},
+        r"output_dir .*out holds another run \(checkpoint-2, model_complete.json, .*\): set resume_from_checkpoint: "
+        r"true to continue it, overwrite_output_dir: true to replace it",
+    ),
+    "vocab_size below the tokenizer's": (
+        None,
+        {"config_overrides": "num_attention_heads=4,num_key_value_heads=2,vocab_size=1000"},
+        r"the model has 1000 embedding rows \(vocab_size=1000\) but tokenizer .* emits ids up to 2011",
+    ),
+    "max_length above max_position_embeddings": (
+        None,
+        {"config_overrides": "num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=32"},
+        r"max_length 64 is above the model's max_position_embeddings 32",
+    ),
+    "tokenizer of another vocabulary": (
+        None,
+        tokenizer_of_another_vocabulary,
+        r"tokenizer .*other_tokenizer is not the tokenizer .*out was trained with \(2013 vs 2012 tokens, 1 with "
+        r"another id\).*allow_tokenizer_change: true",
+    ),
+    "resume from a final model directory": (
+        None,
+        final_model_as_resume_point,
+        r"resume_from_checkpoint: .*out is a final model directory, not a Trainer checkpoint .*set "
+        r"model_name_or_path: .*out and resume_from_checkpoint: false",
+    ),
+    "skip_invalid, every line invalid": (b"not json\n[1]\n", {"skip_invalid": True}, r"sft.jsonl: no usable records"),
+    "batch size 0": (None, {"per_device_train_batch_size": 0}, r"per_device_train_batch_size: must be at least 1"),
+    "empty data_path list": (None, {"data_path": []}, r"data_path: is empty"),
+    "attention not installed": (None, {"attn_implementation": "flash_attention_2"}, r"'flash_attention_2' cannot be"),
+    "config_overrides typo": (
+        None,
+        {"config_overrides": "num_attention_head=4"},
+        r"unknown MiniMindConfig field\(s\): num_attention_head",
+    ),
+    "config_overrides of the wrong type": (
+        None,
+        {"config_overrides": "num_attention_heads=4,num_key_value_heads=2,dropout=2"},
+        r"Field 'dropout' expected float, got int \(value: 2\)",
+    ),
+    "missing tokenizer directory": (None, {"tokenizer_name_or_path": "no/such/dir"}, r"tokenizer no/such/dir: cannot"),
+    "tokenizer directory without tokenizer.json": (None, not_a_tokenizer, r"empty: cannot load it \(not a tokenizer"),
+    "num_train_epochs: 0": (
+        None,
+        {"num_train_epochs": 0, "max_steps": -1},
+        r"num_train_epochs: is 0 and max_steps is not set: the run would save an untrained model",
+    ),
+    "learning_rate: true": (None, {"learning_rate": True}, r"learning_rate: expected a number, got true"),
 }
 
 
@@ -175,3 +255,38 @@ def test_the_command_line_exits_non_zero_with_the_message(case_dir):
     assert "sft.jsonl:9: not JSON" in done.stderr.strip().splitlines()[-1]
     assert snapshot(case_dir / "out") == before
     assert (case_dir / "out" / "checkpoint-2" / MANIFEST).is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    directory = tmp_path_factory.mktemp("chat") / "model"
+    MiniMindForCausalLM(config).save_pretrained(directory)
+    load_tokenizer(REPO / "data" / "tokenizer").save_pretrained(directory)
+    return directory
+
+
+def test_chat_survives_a_line_that_is_not_utf8(tiny_chat_model, monkeypatch, capsys):
+    """Strict decoding raised on the bad line and ended the session, losing its history."""
+    seen = []
+    real = chat_module.generate_reply
+
+    def recording_reply(model, tokenizer, messages, **sampling):
+        seen.append([m["content"] for m in messages])
+        return real(model, tokenizer, messages, **sampling)
+
+    monkeypatch.setattr(chat_module, "generate_reply", recording_reply)
+    typed = b"first question\n" + b"caf\xe9 latin-1\n" + b"second question\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    chat_module.main(["--model", str(tiny_chat_model), "--greedy", "--max_new_tokens", "3", "--system", "S"])
+    assert "error: that line is not valid UTF-8" in capsys.readouterr().err
+    assert len(seen) == 2 and seen[1][:2] == ["S", "first question"] and seen[1][-1] == "second question"
+
+
+def test_chat_temperature_0_decodes_greedily(tiny_chat_model, capsys):
+    argv = ["--model", str(tiny_chat_model), "--prompt", "hello", "--max_new_tokens", "8"]
+    chat_module.main([*argv, "--greedy"])
+    greedy = capsys.readouterr().out
+    chat_module.main([*argv, "--temperature", "0"])
+    assert capsys.readouterr().out == greedy
