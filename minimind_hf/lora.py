@@ -12,7 +12,6 @@ lines: `merge-lora`, `lorapth2peft`, `peft2lorapth`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -253,12 +252,6 @@ def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, **siz
         tokenizer.save_pretrained(staging)
     commit_final(out_dir)
     return out_dir
-
-
-def adapter_summary(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The adapter config's rank, alpha, targets and base, for messages and tests."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
 
 
 def _size_options(parser) -> None:
