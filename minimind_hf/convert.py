@@ -1,25 +1,31 @@
 """Conversion between MiniMind's original `.pth` files, HF checkpoints and plain Llama checkpoints.
 
-Library: `load_pth`, `save_pth`, `to_llama`, `build_config`. Command line:
+Library: `load_pth`, `save_pth`, `to_llama`, `from_llama`, `build_config`. Command line (the input may be any
+model source `minimind_hf.loading` knows: HF directory, the original's HF export, a Llama export, a PEFT adapter,
+a `.pth` with its sizes):
 
     python -m minimind_hf.convert pth2hf out/full_sft_512.pth out/full_sft_512_hf --hidden_size 512 \
         --num_hidden_layers 8 --tokenizer data/tokenizer
     python -m minimind_hf.convert hf2pth out/full_sft_512_hf out/full_sft_512.pth
-    python -m minimind_hf.convert hf2llama out/full_sft_512_hf out/llama --tokenizer data/tokenizer
+    python -m minimind_hf.convert hf2llama out/full_sft_512_hf out/llama     # carries the source's tokenizer
 
-A `.pth` carries no config, so its sizes come from the command line, as in MiniMind.
+A `.pth` carries no config, so its sizes come from the command line, as in MiniMind. Directories are written
+atomically (a staging folder moved into place), a `.pth` through a temporary file.
 """
 
 import argparse
 import json
 import os
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .checkpointing import atomic_write
+from .checkpointing import atomic_write, begin_final, commit_final
 from .configuration_minimind import MiniMindConfig
 from .lora import add_lora_commands, load_lora_pth, run_lora_command  # noqa: F401  (load_lora_pth: re-exported)
 from .modeling_minimind import MiniMindForCausalLM
@@ -226,64 +232,133 @@ def from_llama(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return model.to(dtype)
 
 
-def _copy_tokenizer(tokenizer_dir: str | None, out_dir: str | os.PathLike) -> None:
-    if tokenizer_dir:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+def _check_paths(args: argparse.Namespace, out: str, directory: bool) -> None:
+    """Refuse a missing source, or an output path that clashes with what is there, before any model is loaded."""
+    from .loading import source_kind  # loading builds on this module's conversions
+
+    source_kind(args.source)
+    path = Path(out)
+    if path.exists() and path.resolve() == Path(args.source).resolve():
+        raise ValueError(f"{path}: the output would overwrite the source")
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory (the output is a model directory)")
+    if not directory and path.is_dir():
+        raise ValueError(f"{path}: is a directory; give the path of the .pth file to write")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, not a directory")
 
 
-def _load_hf(model_dir: str) -> MiniMindForCausalLM:
-    if not Path(model_dir, "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not an HF checkpoint directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+def _tokenizer_for(args: argparse.Namespace, required: bool):
+    """The tokenizer to carry into the output: `--tokenizer`, else the source's own (None if it has none)."""
+    from .loading import tokenizer_source
+
+    if args.no_tokenizer:
+        return None
+    path = args.tokenizer or tokenizer_source(args.source)
+    if path is None:
+        if required:
+            raise ValueError(
+                f"{args.source} holds no tokenizer, and an export without one cannot be served; pass --tokenizer "
+                "DIR (or --no_tokenizer)"
+            )
+        return None
+    try:
+        # AutoTokenizer keeps the source's files and chat template as they are.
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer {path}: cannot load it ({err})") from err
+
+
+def _load(args: argparse.Namespace) -> MiniMindForCausalLM:
+    from .loading import load_model, sizes_from_args
+
+    return load_model(args.source, dtype=getattr(torch, args.dtype), **sizes_from_args(args))
+
+
+def _write_model_dir(out_dir: Path, write: Callable[[Path], object], tokenizer) -> Path:
+    """Write a model directory atomically: into a staging folder, moved into place once complete, so that a failed
+    conversion never leaves a torn model over an earlier one (`checkpointing.begin_final`)."""
+    existed = out_dir.exists()
+    staging = begin_final(out_dir)
+    try:
+        write(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    commit_final(out_dir)
+    return out_dir
+
+
+def to_hf_command(args: argparse.Namespace) -> Path:
+    _check_paths(args, args.out_dir, directory=True)
+    out_dir = Path(args.out_dir)
+    tokenizer = _tokenizer_for(args, required=False)
+    model = _load(args)
+    if tokenizer is None:
+        print(f"note: no tokenizer written to {out_dir} (pass --tokenizer DIR to add one)", file=sys.stderr)
+    return _write_model_dir(out_dir, model.save_pretrained, tokenizer)
+
+
+def to_pth_command(args: argparse.Namespace) -> Path:
+    _check_paths(args, args.pth, directory=False)
+    return save_pth(_load(args), args.pth)
+
+
+def to_llama_command(args: argparse.Namespace) -> Path:
+    _check_paths(args, args.out_dir, directory=True)
+    out_dir = Path(args.out_dir)
+    tokenizer = _tokenizer_for(args, required=True)
+    model = _load(args)
+    llama_config(model.config)  # refuses an MoE model before anything is written
+    return _write_model_dir(out_dir, lambda staging: to_llama(model, staging), tokenizer)
+
+
+def add_conversion_commands(sub: argparse._SubParsersAction) -> None:
+    """`pth2hf`, `hf2pth`, `hf2llama`. Each takes any model source `minimind_hf.loading` knows: this project's HF
+    directory, the original's HF export, a Llama export, a PEFT adapter directory, or a `.pth` with its sizes."""
+    from .loading import add_size_arguments
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("source", help="an HF, original-export or Llama directory, a PEFT adapter, or a .pth")
+    add_size_arguments(common)
+    common.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    tokenizer = argparse.ArgumentParser(add_help=False)
+    tokenizer.add_argument("--tokenizer", help="tokenizer directory for the output (default: the source's own)")
+    tokenizer.add_argument("--no_tokenizer", action="store_true", help="write no tokenizer")
+
+    to_hf = sub.add_parser("pth2hf", parents=[common, tokenizer], help="any model source (a .pth) -> HF directory")
+    to_hf.add_argument("out_dir")
+    to_hf.set_defaults(run=to_hf_command)
+    to_pth = sub.add_parser("hf2pth", parents=[common], help="any model source -> original .pth (fp16)")
+    to_pth.add_argument("pth")
+    to_pth.set_defaults(run=to_pth_command)
+    to_llama_parser = sub.add_parser(
+        "hf2llama", parents=[common, tokenizer], help="a dense model -> LlamaForCausalLM directory with its tokenizer"
+    )
+    to_llama_parser.add_argument("out_dir")
+    to_llama_parser.set_defaults(run=to_llama_command)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Each subcommand sets `run(args)`, which returns what it wrote; bad input is one `error:` line, exit 1."""
     parser = argparse.ArgumentParser(prog="python -m minimind_hf.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p2h = sub.add_parser("pth2hf", help="original .pth -> HF directory")
-    p2h.add_argument("pth")
-    p2h.add_argument("out_dir")
-    p2h.add_argument("--hidden_size", type=int, default=512)
-    p2h.add_argument("--num_hidden_layers", type=int, default=8)
-    p2h.add_argument("--use_moe", type=int, choices=(0, 1), default=0)
-    p2h.add_argument("--config_overrides", default="", help='e.g. "num_attention_heads=4,rms_norm_eps=1e-6"')
-    p2h.add_argument("--tokenizer", help="tokenizer directory to copy into the output")
-    p2h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-
-    h2p = sub.add_parser("hf2pth", help="HF directory -> original .pth (fp16)")
-    h2p.add_argument("model_dir")
-    h2p.add_argument("pth")
-
-    h2l = sub.add_parser("hf2llama", help="dense HF MiniMind directory -> LlamaForCausalLM directory")
-    h2l.add_argument("model_dir")
-    h2l.add_argument("out_dir")
-    h2l.add_argument("--tokenizer", help="tokenizer directory to copy into the output")
-
+    add_conversion_commands(sub)
     # LoRA adapters (minimind_hf/lora.py): merge-lora, lorapth2peft, peft2lorapth
     add_lora_commands(sub)
     args = parser.parse_args(argv)
     try:
         written = run_lora_command(args)
-    except (FileNotFoundError, ValueError) as err:
+        if written is None:
+            written = args.run(args)
+    except (OSError, ValueError) as err:
         parser.exit(1, f"error: {err}\n")
-    if written is not None:
-        print(f"wrote {written}")
-        return
-    if args.command == "pth2hf":
-        config = build_config(
-            args.hidden_size, args.num_hidden_layers, bool(args.use_moe), parse_overrides(args.config_overrides)
-        )
-        model = load_pth(args.pth, config, dtype=getattr(torch, args.dtype))
-        model.save_pretrained(args.out_dir)
-        _copy_tokenizer(args.tokenizer, args.out_dir)
-        print(f"wrote {args.out_dir}")
-    elif args.command == "hf2pth":
-        print(f"wrote {save_pth(_load_hf(args.model_dir), args.pth)}")
-    else:
-        to_llama(_load_hf(args.model_dir), args.out_dir)
-        _copy_tokenizer(args.tokenizer, args.out_dir)
-        print(f"wrote {args.out_dir}")
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

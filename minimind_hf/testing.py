@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
 from .configuration_minimind import MiniMindConfig
-from .convert import llama_config
+from .convert import llama_config, save_pth
 from .modeling_minimind import MiniMindForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,10 @@ def tiny_model(seed: int = 0, fp16_exact: bool = True, **config: Any) -> MiniMin
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(MiniMindConfig(**{**TINY_SIZES, **config}))
     if fp16_exact:
-        model = model.half().float()
+        # Parameters only: `model.half()` would also round buffers such as RoPE's inverse frequencies.
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.half().float())
     return model.eval()
 
 
@@ -221,6 +224,17 @@ def save_llama_export(
     if tokenizer:
         save_tokenizer(directory)
     return Path(directory)
+
+
+def save_in_every_form(model: MiniMindForCausalLM, root: str | os.PathLike) -> dict[str, Path]:
+    """`model` as this project's HF directory, the original's HF export, a Llama export and a `.pth`, under `root`."""
+    root = Path(root)
+    return {
+        "hf": save_hf_dir(model, root / "hf"),
+        "original": save_original_hf_export(model, root / "original"),
+        "llama": save_llama_export(model, root / "llama"),
+        "pth": save_pth(model, root / "tiny.pth"),
+    }
 
 
 def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

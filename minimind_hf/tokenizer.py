@@ -15,10 +15,10 @@ TRL's own tokenization reproduces the original loss mask exactly (checked agains
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
+from trl.chat_template_utils import has_generation_markers
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
@@ -130,8 +130,6 @@ _EARLIER_TEMPLATES = (
     "'<|im_start|>assistant\\n' -}}{%- endif -%}",
 )
 
-_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
 
 class MiniMindTokenizer(PreTrainedTokenizerFast):
     """A `PreTrainedTokenizerFast` whose assistant masks follow the original MiniMind rule.
@@ -164,10 +162,6 @@ def _unmask_after_header(ids: list[int], mask, header: list[int]) -> None:
             mask[i] = 0
 
 
-def has_generation_markers(chat_template: str | None) -> bool:
-    return bool(chat_template) and _GENERATION_MARKER.search(chat_template) is not None
-
-
 def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
     """Load a local tokenizer directory (a `tokenizer.json` and its config) for MiniMind training.
 
@@ -181,7 +175,7 @@ def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"not a tokenizer directory (no tokenizer.json): {path}")
     tokenizer = MiniMindTokenizer.from_pretrained(str(path), local_files_only=True)
-    if not has_generation_markers(tokenizer.chat_template) or tokenizer.chat_template in _EARLIER_TEMPLATES:
+    if not has_generation_markers(tokenizer.chat_template or "") or tokenizer.chat_template in _EARLIER_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATE
     if PAD_TOKEN not in tokenizer.get_vocab():
         raise ValueError(f"{path}: the vocabulary has no {PAD_TOKEN} token")

@@ -42,39 +42,29 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import safetensors.torch
 import torch
 import transformers.modeling_utils
-import yaml
 from datasets.arrow_writer import ArrowWriter
-from transformers import TrainerCallback, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from minimind_hf import checkpointing, training
+from minimind_hf.testing import REPO_ROOT, final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
+sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft
 
 MAX_STEPS, SAVE_STEPS, SAVE_TOTAL_LIMIT = 10, 3, 2
 RECIPE = {
-    "tokenizer_name_or_path": str(REPO / "data" / "tokenizer"),
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "config_overrides": "num_attention_heads=4,num_key_value_heads=2",
-    "per_device_train_batch_size": 4,
-    "max_length": 64,
     "max_steps": MAX_STEPS,
-    "learning_rate": 1e-3,
     "logging_steps": 1,
     "save_steps": SAVE_STEPS,
     "save_total_limit": SAVE_TOTAL_LIMIT,
-    "bf16": False,
     "use_cpu": True,
-    "report_to": "none",
-    "dataloader_num_workers": 0,
 }
 DISK_LIMIT_BYTES = 64 * 1024
 # --sabotage: resumed attempts skip loading the optimizer state, to show that the comparison catches a bad resume.
@@ -115,7 +105,11 @@ KILL_POINTS = [
     KillPoint("save:9:mid_rotation", "checkpoint-9 sealed, rotation half-way deleting checkpoint-3", ("checkpoint-9",)),
     KillPoint("save:9:done", "right after checkpoint-9 is saved", ("checkpoint-9",)),
     KillPoint("save:10:unsealed", "final checkpoint-10 written, not sealed", ("checkpoint-9",)),
-    KillPoint("final:torn:model.safetensors", "half of the final output_dir/model.safetensors", ("checkpoint-10",)),
+    KillPoint(
+        "final:torn:model.safetensors",
+        "half of the final model.safetensors, in staging",
+        ("checkpoint-10",),
+    ),
     KillPoint("data:arrow:1", "writing the dataset's Arrow cache", ("fresh",)),
     KillPoint("data:arrow:2", "writing TRL's tokenized Arrow cache", ("fresh",)),
     KillPoint(
@@ -141,20 +135,6 @@ KILL_POINTS = [
 ]
 
 
-def write_data(path: Path, n: int = 48) -> Path:
-    lines = []
-    for i in range(n):
-        turns = [{"role": "user", "content": f"What is {i} plus {i % 7}?"}]
-        turns.append({"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."})
-        if i % 3 == 0:
-            turns = [{"role": "system", "content": "Answer briefly."}, *turns]
-        if i % 4 == 0:
-            turns += [{"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": str(2 * i)}]
-        lines.append(json.dumps({"conversations": turns}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -168,10 +148,20 @@ def write_torn(path: str | os.PathLike, data: bytes) -> None:
 
 
 class FaultCallback(TrainerCallback):
-    """Kills the process inside a training step, or right after a save."""
+    """Kills the process inside a training step, as a save begins or right after it, or fills the disk before a
+    save."""
 
     def __init__(self, fault: str):
         self.fault = fault
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The step's save runs right after this hook, when `control.should_save` is set.
+        if not control.should_save:
+            return
+        if self.fault == f"save:{state.global_step}:start":
+            die()
+        if self.fault == f"disk_full:{state.global_step}":
+            fill_disk()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.fault == f"step:{state.global_step + 1}":
@@ -222,10 +212,10 @@ def tear_writes_of(target: Path) -> None:
 def die_before_seal(checkpoint: Path) -> None:
     seal = checkpointing.seal_checkpoint
 
-    def dying_seal(folder):
+    def dying_seal(folder, *args, **kwargs):
         if Path(folder).name == checkpoint.name:
             die()
-        return seal(folder)
+        return seal(folder, *args, **kwargs)
 
     checkpointing.seal_checkpoint = dying_seal
 
@@ -275,7 +265,7 @@ def die_in_arrow_write(nth: int) -> None:
 
 
 def wrap_trainer_method(
-    trainer, name: str, step: int | None, before: bool = False, checkpoint_only: bool = False
+    trainer: Trainer, name: str, step: int | None, before: bool = False, checkpoint_only: bool = False
 ) -> None:
     """Die before or after `trainer.<name>` runs at global step `step` (any step: None)."""
     original = getattr(trainer, name)
@@ -292,30 +282,25 @@ def wrap_trainer_method(
     setattr(trainer, name, wrapped)
 
 
-def fill_disk_at(trainer, step: int) -> None:
-    """From the save of `step` on, no file may grow past DISK_LIMIT_BYTES: writes fail with EFBIG, as on a full
-    disk (RLIMIT_FSIZE needs no root, unlike mounting a small tmpfs)."""
-    save_checkpoint = trainer._save_checkpoint
-
-    def save_on_a_full_disk(model, trial):
-        if trainer.state.global_step == step:
-            # Without this, exceeding RLIMIT_FSIZE kills the process instead of failing the write.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT_BYTES, resource.RLIM_INFINITY))
-        return save_checkpoint(model, trial)
-
-    trainer._save_checkpoint = save_on_a_full_disk
+def fill_disk() -> None:
+    """From now on no file may grow past DISK_LIMIT_BYTES: writes fail with EFBIG, as on a full disk
+    (RLIMIT_FSIZE needs no root, unlike mounting a small tmpfs)."""
+    # Without this, exceeding RLIMIT_FSIZE kills the process instead of failing the write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT_BYTES, resource.RLIM_INFINITY))
 
 
-def install_fault(fault: str, output_dir: Path) -> None:
-    """Arm `fault` in this (child) process by wrapping what runs at its moment; see KILL_POINTS for the forms."""
+def install_fault(fault: str, output_dir: Path) -> tuple[list[TrainerCallback], Callable[[Trainer], None]]:
+    """Arm `fault` in this (child) process by wrapping what runs at its moment; see KILL_POINTS for the forms.
+    Returns the callbacks and the `before_train` hook to run the recipe with."""
     parts = fault.split(":")
     kind = parts[0]
     step = int(parts[1]) if kind in ("save", "disk_full") else None
     checkpoint = output_dir / f"checkpoint-{step}"
     phase = parts[2] if len(parts) > 2 else ""
     if "torn" in parts:
-        tear_writes_of((output_dir if kind == "final" else checkpoint) / parts[-1])
+        # The final model is written to a staging folder first (`checkpointing.begin_final`).
+        tear_writes_of((output_dir / ".final.partial" if kind == "final" else checkpoint) / parts[-1])
     elif phase == "unsealed":
         die_before_seal(checkpoint)
     elif phase == "manifest":
@@ -325,14 +310,12 @@ def install_fault(fault: str, output_dir: Path) -> None:
     elif kind == "data":
         die_in_arrow_write(int(parts[2]))
 
-    build_trainer = training.build_trainer
-
-    def build_faulty_trainer(*args, **kwargs):
-        trainer = build_trainer(*args, **kwargs)
-        trainer.add_callback(FaultCallback(fault))
-        if phase == "start":
-            wrap_trainer_method(trainer, "_save_checkpoint", step, before=True)
-        elif phase == "after_model":
+    def arm(trainer: Trainer) -> None:
+        # The moments between the parts of one checkpoint save (model, optimizer, RNG) and inside a resume's
+        # loading have no public hook: `on_save` runs only after the whole save. To die exactly there, the harness
+        # wraps the methods of this trainer instance that write or read each part (private ones included); the
+        # recipe itself overrides none of them.
+        if phase == "after_model":
             wrap_trainer_method(trainer, "save_model", step, checkpoint_only=True)
         elif phase == "after_optimizer":
             wrap_trainer_method(trainer, "_save_optimizer_and_scheduler", step)
@@ -340,15 +323,15 @@ def install_fault(fault: str, output_dir: Path) -> None:
             wrap_trainer_method(trainer, "_save_rng_state", step)
         elif kind == "resume":
             wrap_trainer_method(trainer, "_load_rng_state", None, before=True)
-        elif kind == "disk_full":
-            fill_disk_at(trainer, step)
-        return trainer
 
-    training.build_trainer = build_faulty_trainer
+    return [FaultCallback(fault)], arm
 
 
 def record_resumes(log: Path, attempt: int) -> None:
-    """Append `attempt checkpoint-name` (or `fresh`) to `log` when the recipe decides where to resume from."""
+    """Append `attempt checkpoint-name` (or `fresh`) to `log` when the recipe decides where to resume from.
+
+    What the recipe decided, not what the trainer loaded: a run killed during its final save resumes by
+    publishing its last checkpoint, without a `train()` whose hooks would see it."""
     resolve_resume = training.resolve_resume
 
     def recording(training_args):
@@ -397,19 +380,19 @@ def _child(workdir: Path, recipe: Path, fault: str | None, attempt: int, log: Pa
         datasets.config.HF_DATASETS_CACHE = workdir / "datasets_cache"
         datasets.disable_progress_bars()
         record_resumes(workdir / "resumes.txt", attempt)
-        if fault and not fault.startswith("timed"):
-            install_fault(fault, workdir / "out")
-        build_trainer = training.build_trainer
+        callbacks, arm = (
+            install_fault(fault, workdir / "out") if fault and not fault.startswith("timed") else ([], None)
+        )
 
-        def announcing(*args, **kwargs):
-            trainer = build_trainer(*args, **kwargs)
+        def before_train(trainer: Trainer) -> None:
+            if arm is not None:
+                arm(trainer)
             if SABOTAGE and attempt > 1:
                 trainer._load_optimizer_and_scheduler = lambda checkpoint: None
             started.touch()
-            return trainer
 
-        training.build_trainer = announcing
-        sft.main(["--config", str(recipe)] + (["--resume_from_checkpoint", "true"] if attempt > 1 else []))
+        argv = ["--config", str(recipe)] + (["--resume_from_checkpoint", "true"] if attempt > 1 else [])
+        sft.main(argv, callbacks=callbacks, before_train=before_train)
         return 0
     except BaseException:
         traceback.print_exc()
@@ -418,16 +401,6 @@ def _child(workdir: Path, recipe: Path, fault: str | None, attempt: int, log: Pa
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(out / "model.safetensors")
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    if a.keys() != b.keys():
-        return float("inf")
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def checkpoints_on_disk(output_dir: Path) -> str:
@@ -441,9 +414,7 @@ def checkpoints_on_disk(output_dir: Path) -> str:
 
 def prepare(workdir: Path, data: Path) -> Path:
     workdir.mkdir(parents=True)
-    recipe = workdir / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**RECIPE, "data_path": str(data), "output_dir": str(workdir / "out")}))
-    return recipe
+    return write_tiny_recipe(workdir, **RECIPE, data_path=str(data))
 
 
 def run_kill_point(point: KillPoint, root: Path, data: Path, reference: dict, train_seconds: float, seed: int):
@@ -470,7 +441,7 @@ def run_kill_point(point: KillPoint, root: Path, data: Path, reference: dict, tr
     resumed = [name for attempt, name in entries if int(attempt) > 1]
     if point.resumes is not None and tuple(resumed) != point.resumes:
         problems.append(f"resumed from {resumed}, expected {list(point.resumes)}")
-    diff = max_abs_diff(reference, weights(workdir / "out")) if not problems else float("nan")
+    diff = max_abs_diff(reference, final_weights(workdir / "out")) if not problems else float("nan")
     if not problems and diff != 0.0:
         problems.append(f"final weights differ by {diff}")
     killed = sum(a["returncode"] == -signal.SIGKILL for a in attempts)
@@ -518,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="fault_injection_")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
     try:
-        data = write_data(root / "sft.jsonl")
+        data = write_sft_data(root / "sft.jsonl")
         reference_dir = root / "reference"
         recipe = prepare(reference_dir, data)
         result = run_attempt(reference_dir, recipe, None, 1, None)
@@ -526,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the uninterrupted run failed; see {reference_dir}/attempt-1.log", file=sys.stderr)
             return 2
         train_seconds = time.time() - result["started"]
-        reference = weights(reference_dir / "out")
+        reference = final_weights(reference_dir / "out")
 
         header = (
             f"{'kill point':31} {'moment':62} {'kills':>5} {'resumes':>7}  {'resumed from':37} {'max diff':>8}  verdict"

@@ -1,13 +1,25 @@
-"""Conversion between the original `.pth`, HF checkpoints and Llama checkpoints."""
+"""Conversion between the original `.pth`, HF checkpoints and Llama checkpoints, and the `convert` command line."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlamaForCausalLM
+from trl.chat_template_utils import has_generation_markers
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf.convert import build_config, load_pth, main, parse_overrides, save_pth, to_llama
+from minimind_hf.loading import load_model
+from minimind_hf.testing import (
+    REPO_ROOT,
+    TOKENIZER_DIR,
+    logits,
+    save_hf_dir,
+    save_in_every_form,
+    tiny_model,
+)
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 
@@ -76,7 +88,7 @@ def test_to_llama_reloads_in_plain_transformers_with_equal_logits(tmp_path):
     with torch.no_grad():
         diff = (model(ids).logits - llama(ids).logits).abs().max().item()
     print(f"to_llama reload: max diff {diff:.2e}")
-    assert diff <= 1e-5
+    assert diff == 0.0
 
 
 def test_to_llama_refuses_moe(tmp_path):
@@ -104,3 +116,118 @@ def test_overrides_and_build_config():
         build_config(overrides={"num_heads": 4})
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides("num_attention_heads")
+
+
+PTH_SIZES = ["--hidden_size", "32", "--num_hidden_layers", "2", "--config_overrides", "num_attention_heads=4"]
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory) -> dict:
+    """One tiny model (float16-exact weights) in every form: HF dir, the original's export, Llama export, .pth."""
+    root = tmp_path_factory.mktemp("forms")
+    model = tiny_model()
+    return {
+        "model": model,
+        **save_in_every_form(model, root),
+        "bare": save_hf_dir(model, root / "bare", tokenizer=False),
+    }
+
+
+def test_hf2llama_carries_the_source_tokenizer_and_chat_template(forms, tmp_path):
+    main(["hf2llama", str(forms["hf"]), str(tmp_path / "llama")])
+    # `transformers serve` loads the processing class with AutoProcessor: without a tokenizer it refuses the export.
+    processor = AutoProcessor.from_pretrained(tmp_path / "llama")
+    source = AutoTokenizer.from_pretrained(forms["hf"])
+    assert processor.chat_template == source.chat_template and has_generation_markers(processor.chat_template)
+    messages = [{"role": "user", "content": "Is 7 odd or even?"}]
+    kwargs = {"add_generation_prompt": True, "return_dict": True}
+    rendered = processor.apply_chat_template(messages, **kwargs)["input_ids"]
+    assert rendered == source.apply_chat_template(messages, **kwargs)["input_ids"]
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    assert type(llama) is LlamaForCausalLM
+    ids = torch.tensor([rendered])
+    assert torch.equal(logits(llama, ids), logits(forms["model"], ids))
+
+
+@pytest.mark.parametrize("form", ["hf", "original", "llama", "pth"])
+def test_every_form_converts_to_the_original_pth_and_to_hf(forms, tmp_path, form):
+    sizes = PTH_SIZES if form == "pth" else []
+    main(["hf2pth", str(forms[form]), str(tmp_path / "back.pth"), *sizes])
+    expected = {k: v.half() for k, v in forms["model"].state_dict().items()}
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
+
+    main(["pth2hf", str(forms[form]), str(tmp_path / "hf"), *sizes, "--tokenizer", str(TOKENIZER_DIR)])
+    model = load_model(tmp_path / "hf")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in forms["model"].state_dict().items())
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "model_complete.json").is_file()
+
+
+def _clashes(forms, tmp_path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_dir").mkdir()
+    return {
+        "sizes differ from the .pth": (
+            ["pth2hf", str(forms["pth"]), str(tmp_path / "out"), "--hidden_size", "64", "--num_hidden_layers", "2"],
+            "tiny.pth: model.embed_tokens.weight has shape (6400, 32) but the config expects (6400, 64)",
+        ),
+        "output dir is a file": (
+            ["pth2hf", str(forms["pth"]), str(tmp_path / "a_file"), *PTH_SIZES],
+            "a_file: exists and is not a directory",
+        ),
+        "output .pth is a directory": (
+            ["hf2pth", str(forms["hf"]), str(tmp_path / "a_dir")],
+            "a_dir: is a directory; give the path of the .pth file",
+        ),
+        "output under a file": (
+            ["hf2llama", str(forms["hf"]), str(tmp_path / "a_file" / "llama")],
+            "a_file is a file, not a directory",
+        ),
+        "missing input": (["hf2pth", str(tmp_path / "nothere"), str(tmp_path / "x.pth")], "nothere: no such model"),
+        "no tokenizer for the export": (
+            ["hf2llama", str(forms["bare"]), str(tmp_path / "out")],
+            "holds no tokenizer, and an export without one cannot be served; pass --tokenizer",
+        ),
+        "MoE to Llama": (["hf2llama", "{moe}", str(tmp_path / "out")], "an MoE MiniMind has no Llama equivalent"),
+    }
+
+
+CLASHES = [
+    "sizes differ from the .pth",
+    "output dir is a file",
+    "output .pth is a directory",
+    "output under a file",
+    "missing input",
+    "no tokenizer for the export",
+    "MoE to Llama",
+]
+
+
+@pytest.mark.parametrize("case", CLASHES)
+def test_bad_input_is_one_error_line_and_writes_nothing(forms, tmp_path, capsys, case):
+    argv, message = _clashes(forms, tmp_path)[case]
+    if "{moe}" in argv:
+        argv[argv.index("{moe}")] = str(save_hf_dir(tiny_model(use_moe=True), tmp_path / "moe"))
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    # One line of error (transformers may draw a progress bar while loading); no traceback.
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], err
+    assert "Traceback" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing may be written"
+
+
+def test_the_command_line_prints_no_traceback(forms, tmp_path):
+    argv = ["pth2hf", str(forms["pth"]), str(tmp_path / "out"), "--hidden_size", "64", "--num_hidden_layers", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "minimind_hf.convert", *argv], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "embed_tokens.weight has shape" in lines[-1]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from itertools import groupby
@@ -132,3 +133,14 @@ def test_recipe_trains_a_minimind_tokenizer(tmp_path):
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer("hello")["input_ids"] == tokenizer.encode("hello", add_special_tokens=True)
     assert 1 not in tokenizer("hello")["input_ids"]
+
+
+def test_a_template_without_generation_markers_or_none_is_replaced_and_one_with_markers_kept(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # no chat_template.jinja
+        shutil.copy(REPO_ROOT / "data" / "tokenizer" / name, plain / name)
+    assert load_tokenizer(plain).chat_template == CHAT_TEMPLATE
+    marked = "{%- for m in messages -%}{%- generation -%}{{ m['content'] }}{%- endgeneration -%}{%- endfor -%}"
+    (plain / "chat_template.jinja").write_text(marked)
+    assert load_tokenizer(plain).chat_template == marked
