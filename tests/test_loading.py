@@ -83,6 +83,7 @@ def untie(state: dict) -> None:
 
 REFUSED_LLAMA = {
     "attention bias": ({"attention_bias": True}, r"attention_bias cannot be represented by MiniMind"),
+    "MLP bias": ({"mlp_bias": True}, r"mlp_bias cannot be represented by MiniMind"),
     "another activation": ({"hidden_act": "gelu"}, r"hidden_act cannot be represented by MiniMind .*not 'gelu'"),
     "rope scaling": (
         {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},

@@ -23,7 +23,7 @@ from minimind_hf.testing import (
     write_sft_data,
     write_tiny_recipe,
 )
-from minimind_hf.training import MiniMindArguments, RecipeError, parse_recipe
+from minimind_hf.training import RecipeError, parse_recipe
 
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft  # noqa: E402
@@ -222,7 +222,7 @@ def test_project_defaults_no_unused_parameter_search_and_no_deprecated_checkpoin
     recipe = write_recipe(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, training_args = parse_recipe((MiniMindArguments, sft.SFT.config_class), ["--config", str(recipe)])
+        _, training_args = parse_recipe(argv=["--config", str(recipe)])
     assert training_args.ddp_find_unused_parameters is False
     assert training_args.activation_checkpointing is False
     deprecated = [str(w.message) for w in caught if "gradient_checkpointing" in str(w.message)]
