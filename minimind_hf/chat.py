@@ -16,7 +16,15 @@ import sys
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
-from .guards import device_problem, non_negative_float, non_negative_int, positive_int, probability, seed
+from .guards import (
+    config_overrides_problem,
+    device_problem,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+    seed,
+)
 from .loading import DTYPES, add_model_arguments, load_from_args, load_model_and_tokenizer
 from .tokenizer import EOS_TOKEN
 
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     for text, flag in [(p, "--prompt") for p in args.prompt or ()] + [(args.system or "", "--system")]:
         if _not_utf8(text):
             parser.error(f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8")
-    if problem := device_problem(args.device):
+    if problem := device_problem(args.device) or config_overrides_problem(args.config_overrides):
         parser.error(problem)
 
     model, tokenizer = load_from_args(args, parser)

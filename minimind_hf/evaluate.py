@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 
 from .chat import add_model_arguments, generate_replies, load_from_args
 from .data import IGNORE_INDEX, DataError, encode_conversation, scan
-from .guards import device_problem, non_negative_int, positive_int
+from .guards import config_overrides_problem, device_problem, non_negative_int, positive_int
 
 
 def load_eval_rows(path: str | Path) -> list[dict]:
@@ -130,7 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Checked before the model runs: a bad --out would otherwise fail only after the whole evaluation.
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a directory; name the JSON file to write")
-    if problem := device_problem(args.device):
+    if args.out:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--out {args.out}: cannot write there ({err})")
+        if not os.access(Path(args.out).parent, os.W_OK):
+            parser.error(f"--out {args.out}: cannot write there (permission denied)")
+    if problem := device_problem(args.device) or config_overrides_problem(args.config_overrides):
         parser.error(problem)
 
     try:

@@ -20,6 +20,7 @@ The command-line tools use the argparse types at the end (`positive_int`, ...).
 from __future__ import annotations
 
 import argparse
+import difflib
 import fcntl
 import json
 import logging
@@ -41,6 +42,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .checkpointing import FINAL_MANIFEST, discard_checkpoint, is_sealed, list_checkpoints
+from .configuration_minimind import MiniMindConfig
+from .convert import parse_overrides
 from .loading import ModelSourceError, tokenizer_source
 from .tokenizer import load_tokenizer
 
@@ -197,7 +200,8 @@ def _check_optimizer(training_args: TrainingArguments) -> None:
             scheduler_specific_kwargs=kwargs,
         )
     except (ValueError, TypeError) as err:
-        _fail("lr_scheduler_kwargs", f"{training_args.lr_scheduler_type} cannot be built with {kwargs}: {err}")
+        name = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+        _fail("lr_scheduler_kwargs", f"{name} cannot be built with {kwargs}: {err}")
 
 
 def _check_report_to(training_args: TrainingArguments) -> None:
@@ -209,9 +213,23 @@ def _check_report_to(training_args: TrainingArguments) -> None:
         _fail("report_to", str(err))
 
 
+def config_overrides_problem(text: str) -> str | None:
+    """Why `config_overrides` ("k=v,...") cannot apply, or None. Checked for every model source: a directory's
+    loader compares the overrides with its config and would pass over a misspelt field unseen."""
+    try:
+        overrides = parse_overrides(text)
+    except ValueError as err:
+        return str(err)
+    known = sorted(set(MiniMindConfig.__dataclass_fields__) | {"rope_theta"})
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            return f"unknown MiniMindConfig field '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return None
+
+
 def check_attn_implementation(name: str) -> None:
     """The attention implementation can run here: checked by transformers itself on a tiny model."""
-    from .configuration_minimind import MiniMindConfig
     from .modeling_minimind import MiniMindForCausalLM
 
     config = MiniMindConfig(
@@ -239,6 +257,8 @@ def check_recipe(args: Any, training_args: TrainingArguments) -> None:
     _check_ranges(args, training_args, resuming)
     _check_optimizer(training_args)
     _check_report_to(training_args)
+    if problem := config_overrides_problem(args.config_overrides):
+        _fail("config_overrides", problem)
     check_attn_implementation(args.attn_implementation)
 
 

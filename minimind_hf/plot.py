@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a directory; name the PNG file to write")
     out = args.out or (run / "loss.png" if run.is_dir() else None)
+    if args.out:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--out {args.out}: cannot write there ({err})")
     try:
         print(f"wrote {plot_trainer_state(find_trainer_state(run), out)}")
     except (OSError, ValueError) as err:  # unreadable state, unwritable --out, a format matplotlib lacks

@@ -179,7 +179,9 @@ def parse_recipe(
         try:
             recipe = yaml.safe_load(config_path.read_text())
         except yaml.YAMLError as err:
-            raise RecipeError(f"{config_path}: not valid YAML: {err}") from err
+            mark = getattr(err, "problem_mark", None)
+            where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from err
         if not isinstance(recipe, dict):
             raise RecipeError(f"{config_path}: a recipe must be a YAML mapping of key: value")
         _check_keys([k for k in recipe if k != "env"], known, str(config_path))
