@@ -307,3 +307,39 @@ def test_checkpoints_written_before_a_divergence_stay_sealed(work):
         sft.main(recipe(work, max_steps=4, save_steps=1), callbacks=[InjectNaN({4})])
     assert [folder.name for folder in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert all((folder / MANIFEST).is_file() for folder in list_checkpoints(out))
+
+
+DDP_NAN_PROBE = """
+import os, sys
+sys.path.insert(0, {recipes!r})
+import sft
+from transformers import TrainerCallback
+from minimind_hf.training import run_cli
+
+class NaNOnRankOne(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if os.environ["RANK"] == "1" and state.global_step + 1 == 2:
+            model.model.norm.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+
+run_cli(lambda: sft.main(sys.argv[1:], callbacks=[NaNOnRankOne()]))
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_a_nan_on_one_rank_stops_every_rank_at_the_same_step(work):
+    """DDP averages the NaN into both ranks' gradients; the guard's decision is all-reduced besides, so no rank
+    trains on (or waits for) another that stopped."""
+    out = work / "out"
+    probe = work / "probe.py"
+    probe.write_text(DDP_NAN_PROBE.format(recipes=str(REPO / "recipes")))
+    argv = recipe(work, max_steps=4, save_steps=1, per_device_train_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.count("error: training diverged at step 2: the gradient norm is not finite") == 2, (
+        result.stderr[-3000:]
+    )
+    assert [folder.name for folder in list_checkpoints(out)] == ["checkpoint-1"]
+    assert is_sealed(out / "checkpoint-1") and not (out / FINAL_MANIFEST).exists()
+    assert not (out / LOCK_FILE).exists()
