@@ -290,7 +290,7 @@ def training_finished(checkpoint: str | os.PathLike, training_args=None) -> bool
     step = state.get("global_step", 0)
     if training_args is not None and training_args.max_steps > 0:
         return step >= training_args.max_steps
-    if training_args is not None and state.get("num_train_epochs") != training_args.num_train_epochs:
+    if training_args is not None and state.get("epoch", 0) < training_args.num_train_epochs - 1e-6:
         return False
     return 0 < state.get("max_steps", 0) <= step
 

@@ -10,8 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from transformers import Trainer
 
 from minimind_hf import checkpointing
@@ -139,6 +137,18 @@ def test_a_run_resumed_from_its_final_checkpoint_to_train_longer_does(run_copy):
     trainer = sft.main(argv, callbacks=[counter])
     assert counter.steps == 2 and trainer.state.global_step == 8
     assert checkpoint_problem(run_copy / "out" / "checkpoint-8") is None
+
+
+def test_an_epoch_based_run_resumed_at_its_end_trains_only_the_epochs_it_lacks(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=-1, num_train_epochs=1, save_strategy="epoch")
+    first = sft.main(["--config", str(recipe)]).state.global_step
+    counter = StepCounter()
+    sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true"], callbacks=[counter])
+    assert counter.steps == 0, "an epoch-based run at its end trains no extra step either"
+    counter = StepCounter()
+    trainer = sft.main(["--config", str(recipe), "--resume_from_checkpoint", "true", "--num_train_epochs", "2"],
+                       callbacks=[counter])  # fmt: skip
+    assert counter.steps == first and trainer.state.global_step == 2 * first
 
 
 def crash_after_staging(trainer: Trainer) -> None:
