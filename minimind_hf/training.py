@@ -210,7 +210,7 @@ def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
     except ModelSourceError as err:
         raise RecipeError(f"model_name_or_path {err}") from err
     except (ValueError, StrictDataclassError) as err:  # a config field of the wrong type (`dropout=2`)
-        raise RecipeError(str(err).replace("\n", " ")) from err
+        raise RecipeError(" ".join(str(err).split())) from err
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -28,6 +28,8 @@ from conftest import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
+# The shipped tokenizer's size (data/make_data.py trains it; its size follows the sample data).
+VOCAB = len(load_tokenizer(REPO / "data" / "tokenizer"))
 GOOD = [
     {"conversations": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
     for i in range(8)
@@ -185,7 +187,8 @@ CASES = {
     "vocab_size below the tokenizer's": (
         None,
         {"config_overrides": "num_attention_heads=4,num_key_value_heads=2,vocab_size=1000"},
-        r"the model has 1000 embedding rows \(vocab_size=1000\) but tokenizer .* emits ids up to 2011",
+        rf"the model has 1000 embedding rows \(vocab_size=1000\) but tokenizer .* emits ids up to {VOCAB - 1} "
+        rf"\({VOCAB} tokens\); a new model needs config_overrides: vocab_size={VOCAB}",
     ),
     "max_length above max_position_embeddings": (
         None,
@@ -195,8 +198,8 @@ CASES = {
     "tokenizer of another vocabulary": (
         None,
         tokenizer_of_another_vocabulary,
-        r"tokenizer .*other_tokenizer is not the tokenizer .*out was trained with \(2013 vs 2012 tokens, 1 with "
-        r"another id\).*allow_tokenizer_change: true",
+        rf"tokenizer .*other_tokenizer is not the tokenizer .*out was trained with \({VOCAB + 1} vs {VOCAB} tokens, "
+        r"1 with another id\).*allow_tokenizer_change: true",
     ),
     "resume from a final model directory": (
         None,
@@ -211,12 +214,12 @@ CASES = {
     "config_overrides typo": (
         None,
         {"config_overrides": "num_attention_head=4"},
-        r"unknown MiniMindConfig field\(s\): num_attention_head",
+        r"config_overrides: unknown MiniMindConfig field 'num_attention_head' \(did you mean 'num_attention_heads'\?\)",
     ),
     "config_overrides of the wrong type": (
         None,
         {"config_overrides": "num_attention_heads=4,num_key_value_heads=2,dropout=2"},
-        r"Field 'dropout' expected float, got int \(value: 2\)",
+        r"Validation error for field 'dropout': TypeError: Field 'dropout' expected float, got int \(value: 2\)",
     ),
     "missing tokenizer directory": (None, {"tokenizer_name_or_path": "no/such/dir"}, r"tokenizer no/such/dir: cannot"),
     "tokenizer directory without tokenizer.json": (None, not_a_tokenizer, r"empty: cannot load it \(not a tokenizer"),
