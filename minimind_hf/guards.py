@@ -32,7 +32,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -355,22 +355,44 @@ def previous_run(output_dir: str | os.PathLike) -> list[str]:
     return found
 
 
-def check_output_dir_use(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
-    """`output_dir` is not in use by a live run, and holds no other run, unless this run resumes from a checkpoint
-    in it or `overwrite` (the recipe's `overwrite_output_dir`) says to replace it."""
+def _main_process_decides(problem: Callable[[], str | None]) -> None:
+    """Run `problem()` on the main process only and raise its answer on every process.
+
+    What the main process sees of `output_dir` is what counts: another node may not share the directory, and a
+    slower rank of this very run could otherwise find the lock its own main process has just taken. Every process
+    gets the same answer, so all stop together rather than wait for one that stopped.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    message = problem() if state.is_main_process else None
+    if state.num_processes > 1:
+        message = broadcast_object_list([message])[0]
+    if message is not None:
+        raise RecipeError(message)
+
+
+def _output_dir_problem(output_dir: str, resume_from: str | None, overwrite: bool) -> str | None:
     holder = RunLock(output_dir).holder()
     if holder is not None:
-        raise RecipeError(RunLock.busy_message(output_dir, holder))
+        return RunLock.busy_message(output_dir, holder)
     found = previous_run(output_dir)
     if not found or overwrite:
-        return
+        return None
     if resume_from is not None and Path(resume_from).resolve().parent == Path(output_dir).resolve():
-        return
+        return None
     shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-    raise RecipeError(
+    return (
         f"output_dir {output_dir} holds another run ({shown}): set resume_from_checkpoint: true to continue it, "
         "overwrite_output_dir: true to replace it, or choose another output_dir"
     )
+
+
+def check_output_dir_use(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """`output_dir` is not in use by a live run, and holds no other run, unless this run resumes from a checkpoint
+    in it or `overwrite` (the recipe's `overwrite_output_dir`) says to replace it. Decided by the main process."""
+    _main_process_decides(lambda: _output_dir_problem(output_dir, resume_from, overwrite))
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -478,22 +500,20 @@ class RunLock:
 
 @contextmanager
 def run_lock(output_dir: str) -> Iterator[None]:
-    """Hold `RunLock(output_dir)` for the block. Under DDP the main process takes it for the run, and every
+    """Hold `RunLock(output_dir)` for the block. Under DDP the main process takes it for the whole run (a shared
+    lock per rank would conflict with its own main process's, and other nodes may not share the directory); every
     process learns whether it could, so that all stop together when it is busy."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    lock = None
 
-    state = PartialState()
-    lock, problem = None, None
-    if state.is_main_process:
+    def take() -> str | None:
+        nonlocal lock
         try:
             lock = RunLock(output_dir).acquire()
         except RecipeError as err:
-            problem = str(err)
-    if state.num_processes > 1:
-        problem = broadcast_object_list([problem])[0]
-    if problem is not None:
-        raise RecipeError(problem)
+            return str(err)
+        return None
+
+    _main_process_decides(take)
     try:
         yield
     finally:
@@ -529,7 +549,8 @@ class NonFiniteGuard(TrainerCallback):
 
     With "stop" the run ends at that step without saving it; the recipe then raises `TrainingDiverged` instead of
     writing a final model (`raise_if_diverged`). In both modes a checkpoint is saved only when the weights are
-    finite. With fp16 the GradScaler already skips steps that overflow, so gradients are not judged then.
+    finite. With fp16 the GradScaler already skips steps that overflow, so gradients are not judged then;
+    DeepSpeed keeps its gradients out of `param.grad` and is not covered.
     """
 
     def __init__(self, policy: str = "stop"):
