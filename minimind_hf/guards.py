@@ -120,7 +120,10 @@ def check_value_types(*configs: Any) -> None:
     a number or a boolean reaches the dataclass unchecked: `learning_rate: true` would train at 1.0.
     """
     for config in configs:
-        hints = typing.get_type_hints(type(config))
+        try:
+            hints = typing.get_type_hints(type(config))
+        except (NameError, TypeError):  # an annotation this Python cannot resolve: leave the types to the class
+            hints = {}
         for item in fields(config):
             value = getattr(config, item.name)
             hint = hints.get(item.name)
@@ -145,7 +148,11 @@ def _check_ranges(args: Any, training_args: TrainingArguments, resuming: bool) -
                 f"must be positive with {strategy}: steps, got {getattr(training_args, key)} "
                 f"(set {strategy}: no for none)",
             )
-    if training_args.eval_strategy == "steps" and (training_args.eval_steps or 1) <= 0:
+    if (
+        training_args.eval_strategy == "steps"
+        and training_args.eval_steps is not None
+        and training_args.eval_steps <= 0
+    ):
         _fail("eval_steps", f"must be positive, got {training_args.eval_steps}")
     if training_args.save_total_limit is not None and training_args.save_total_limit < 1:
         _fail(

@@ -70,6 +70,10 @@ RECIPE_CASES = {
     "max_length: null": ({"max_length": None}, r"max_length: is null, but packing needs"),
     "max_grad_norm: -1": ({"max_grad_norm": -1}, r"max_grad_norm: must be >= 0"),
     "save_steps: 0": ({"save_steps": 0}, r"save_steps: must be positive with save_strategy: steps"),
+    "eval_steps: -1": (
+        lambda d: {"eval_strategy": "steps", "eval_steps": -1, "eval_data_path": str(d / "sft.jsonl")},
+        r"eval_steps: must be positive, got -1",
+    ),
     "save_total_limit: 0": ({"save_total_limit": 0}, r"save_total_limit: must be at least 1"),
     "logging_steps: 0": ({"logging_steps": 0}, r"invalid recipe: logging strategy .* requires non-zero"),
     "warmup_steps: -1": ({"warmup_steps": -1}, r"invalid recipe: .*warmup_steps >= 0"),
