@@ -731,8 +731,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--line counts from 1")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max_length must be positive, got {args.max_length}")
-    if args.max_length is not None and args.max_length < 1:
-        parser.error(f"--max_length must be positive, got {args.max_length}")
     try:
         _show(args)
     except (OSError, ValueError) as error:
