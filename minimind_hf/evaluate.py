@@ -1,12 +1,17 @@
 """Score a model on a held-out conversation set: exact-match accuracy per task, and the assistant-token loss.
 
     python -m minimind_hf.evaluate --model out/sft --data data/eval.jsonl --out out/sft/eval_results.json
+    python -m minimind_hf.evaluate --model out/sft --data data/sft.jsonl --sft --sample 320 --seed 0   # fit
 
-Rows are SFT conversations plus `task` (a name) and `answer` (the expected string). The model answers
-greedily from every message before the last assistant message (with the generation prompt); a prediction
-is right when it equals `answer`, both stripped of surrounding whitespace. `mean_loss` is the cross-entropy
-per supervised token over the whole conversations (teacher forcing), with the supervised positions and the
-truncation of SFT training. The model options are those of `minimind_hf.chat` (an HF directory or a `.pth`).
+Rows are SFT conversations plus `task` (a name) and `answer` (the expected string). With `--sft` the file is
+plain SFT data instead: the answer is each row's last assistant message and the task its `task` field when it
+has one (else `--task`, default "all"); `--sample N` scores N rows drawn with `--seed` (e.g. how well a model
+fits its own training data). The model answers greedily from every message before the last assistant message
+(with the generation prompt); a prediction is right when it equals `answer`, both stripped of surrounding
+whitespace. Rows with a `held_out` string (how they are held out) are also scored per kind. `mean_loss` is the
+cross-entropy per supervised token over the whole conversations (teacher forcing), with the supervised
+positions and the truncation of SFT training. The model options are those of `minimind_hf.chat` (an HF
+directory or a `.pth`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -27,11 +33,13 @@ from .data import IGNORE_INDEX, DataError, encode_conversation, scan
 from .guards import config_overrides_problem, device_problem, non_negative_int, positive_int
 
 
-def load_eval_rows(path: str | Path) -> list[dict]:
+def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None) -> list[dict]:
     """The rows of an evaluation file, each with its `prompt` (the messages before the last assistant one).
 
     Conversations are validated as SFT data; a missing or non-string `task` / `answer`, or a conversation
-    that does not end with the assistant's answer, is a `DataError` naming the file and line.
+    that does not end with the assistant's answer, is a `DataError` naming the file and line. With `sft` the
+    answer is the last assistant message and a row without a `task` string gets `task` (default "all"); a given
+    `task` names the task of every row in either case.
     """
     scan(path, "sft")
     rows = []
@@ -40,32 +48,53 @@ def load_eval_rows(path: str | Path) -> list[dict]:
             if not line.strip():
                 continue
             row = json.loads(line)
-            for key in ("task", "answer"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(path, number, "missing_field", f'no "{key}" string (an evaluation row needs one)')
             messages = row["conversations"]
             if messages[-1]["role"] != "assistant":
                 raise DataError(path, number, "bad_order", "the last message is not the assistant's answer")
+            if sft:
+                row = {**row, "answer": messages[-1]["content"]}
+                if not isinstance(row.get("task"), str):
+                    row["task"] = task or "all"
+            if task is not None:
+                row["task"] = task
+            for key in ("task", "answer"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(path, number, "missing_field", f'no "{key}" string (an evaluation row needs one)')
             rows.append({**row, "prompt": messages[:-1], "line": number})
     return rows
 
 
+def sample_rows(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` rows drawn without replacement by a `random.Random(seed)`, in file order (all of them if n >= rows)."""
+    if n >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
 def score(predictions: list[str], rows: list[dict]) -> dict:
-    """Exact match (whitespace-stripped) of each prediction with its row's `answer`, overall and per task."""
+    """Exact match (whitespace-stripped) of each prediction with its row's `answer`, overall and per task, and
+    per `held_out` kind for the rows that have one."""
     if len(predictions) != len(rows):
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
-    total, correct = Counter(), Counter()
+    total, correct, held_total, held_correct = Counter(), Counter(), Counter(), Counter()
     for prediction, row in zip(predictions, rows, strict=True):
+        right = prediction.strip() == row["answer"].strip()
         total[row["task"]] += 1
-        correct[row["task"]] += prediction.strip() == row["answer"].strip()
+        correct[row["task"]] += right
+        if isinstance(row.get("held_out"), str):
+            held_total[row["held_out"]] += 1
+            held_correct[row["held_out"]] += right
 
     def summary(n: int, right: int) -> dict:
         return {"n": n, "correct": right, "exact_match": right / n if n else 0.0}
 
-    return {
+    results = {
         "overall": summary(total.total(), correct.total()),
         "tasks": {task: summary(total[task], correct[task]) for task in sorted(total)},
     }
+    if held_total:
+        results["held_out"] = {kind: summary(held_total[kind], held_correct[kind]) for kind in sorted(held_total)}
+    return results
 
 
 def mean_loss(
@@ -109,7 +138,8 @@ def predict(
 
 def format_table(results: dict) -> str:
     lines = [f"{'task':<16}{'n':>6}{'exact match':>14}"]
-    for name, row in [*results["tasks"].items(), ("overall", results["overall"])]:
+    held_out = [(f"held out: {kind}", row) for kind, row in results.get("held_out", {}).items()]
+    for name, row in [*results["tasks"].items(), ("overall", results["overall"]), *held_out]:
         lines.append(f"{name:<16}{row['n']:>6}{100 * row['exact_match']:>13.1f}%")
     lines.append(f"mean assistant-token loss: {results['mean_loss']:.4f}")
     return "\n".join(lines)
@@ -127,6 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--samples", type=non_negative_int, default=5, help="rows copied into the JSON with their prediction"
     )
+    parser.add_argument(
+        "--sft", action="store_true", help="plain SFT data: the answer is the last assistant message of each row"
+    )
+    parser.add_argument("--task", help='the task of every row (default: its `task`; with --sft "all" if none)')
+    parser.add_argument("--sample", type=positive_int, help="score N rows drawn at random (with --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample")
     args = parser.parse_args(argv)
     # Checked before the model runs: a bad --out would otherwise fail only after the whole evaluation.
     if args.out and Path(args.out).is_dir():
@@ -142,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(problem)
 
     try:
-        rows = load_eval_rows(args.data)[: args.limit]
+        rows = load_eval_rows(args.data, sft=args.sft, task=args.task)
+        rows = (sample_rows(rows, args.sample, args.seed) if args.sample else rows)[: args.limit]
     except (DataError, FileNotFoundError) as err:
         parser.exit(1, f"error: {err}\n")
     model, tokenizer = load_from_args(args, parser)
@@ -160,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         # NaN (no supervised token at all) is not JSON: null instead.
-        record = {"model": args.model, "data": args.data, **results}
+        record = {"model": args.model, "data": args.data, "sample": args.sample, "seed": args.seed, **results}
         record["mean_loss"] = None if math.isnan(results["mean_loss"]) else results["mean_loss"]
         Path(args.out).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf.chat import load_model_and_tokenizer
 from minimind_hf.data import IGNORE_INDEX, DataError, encode_conversation
-from minimind_hf.evaluate import load_eval_rows, main, mean_loss, score
+from minimind_hf.evaluate import load_eval_rows, main, mean_loss, sample_rows, score
 from minimind_hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +149,58 @@ def test_main_reports_a_bad_file_and_exits(tmp_path, capsys):
         main(["--model", "unused", "--data", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 1
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def write_sft(path: Path, n: int = 10) -> Path:
+    """Plain SFT rows (no `answer`): every third without a `task`, one multi-turn."""
+    lines = []
+    for i in range(n):
+        messages = conversation(f"What is {i} plus 1?", str(i + 1), system=i == 4)
+        if i == 1:
+            messages = conversation("Is 3 odd or even?", "odd") + messages
+        row = {"conversations": messages} if i % 3 == 0 else {"conversations": messages, "task": "add"}
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sft_rows_are_answered_by_their_last_assistant_message(tmp_path):
+    path = write_sft(tmp_path / "sft.jsonl")
+    with pytest.raises(DataError, match=r'sft.jsonl:1: no "task" string'):
+        load_eval_rows(path)  # without --sft an answer and a task are required
+    rows = load_eval_rows(path, sft=True)
+    assert [row["answer"] for row in rows] == [str(i + 1) for i in range(10)]
+    assert [row["task"] for row in rows] == ["all" if i % 3 == 0 else "add" for i in range(10)]
+    assert [m["content"] for m in rows[1]["prompt"]] == ["Is 3 odd or even?", "odd", "What is 1 plus 1?"]
+    assert {row["task"] for row in load_eval_rows(path, sft=True, task="sum")} == {"sum"}
+    assert {row["task"] for row in load_eval_rows(write_eval(tmp_path / "eval.jsonl"), task="t")} == {"t"}
+
+
+def test_sample_is_seeded_without_repeats_in_file_order(tmp_path):
+    rows = load_eval_rows(write_sft(tmp_path / "sft.jsonl"), sft=True)
+    lines = [row["line"] for row in sample_rows(rows, 4, seed=3)]
+    assert lines == [row["line"] for row in sample_rows(rows, 4, seed=3)]
+    assert len(set(lines)) == 4 and lines == sorted(lines)
+    assert any(lines != [row["line"] for row in sample_rows(rows, 4, seed=s)] for s in range(4, 8))
+    assert sample_rows(rows, 50, seed=3) == rows
+
+
+def test_score_per_held_out_kind(tmp_path):
+    rows = load_eval_rows(write_eval(tmp_path / "eval.jsonl"))
+    assert "held_out" not in score([""] * len(rows), rows)
+    for i, row in enumerate(rows):
+        row["held_out"] = "item" if i < 2 else "template"
+    results = score([row["answer"] if i in (0, 3) else "no" for i, row in enumerate(rows)], rows)
+    assert results["held_out"] == {
+        "item": {"n": 2, "correct": 1, "exact_match": 0.5},
+        "template": {"n": 4, "correct": 1, "exact_match": 0.25},
+    }
+
+
+def test_main_scores_a_seeded_sample_of_sft_data(tiny_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_dir), "--data", str(write_sft(tmp_path / "sft.jsonl")), "--max_new_tokens", "4"]
+    results = main([*argv, "--sft", "--sample", "5", "--seed", "1", "--out", str(tmp_path / "fit.json")])
+    record = json.loads((tmp_path / "fit.json").read_text())
+    assert record["overall"]["n"] == 5 and (record["sample"], record["seed"]) == (5, 1)
+    assert set(record["tasks"]) <= {"all", "add"} and record["overall"] == results["overall"]
+    assert "overall" in capsys.readouterr().out
