@@ -50,7 +50,7 @@ from .checkpointing import (
 from .convert import pth_name, save_pth
 from .data import DataError
 from .guards import RecipeError
-from .loading import ModelSourceError, tokenizer_source
+from .loading import ModelSourceError, source_kind, tokenizer_source
 from .loading import load_model as load_any_model
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
@@ -145,6 +145,10 @@ class MiniMindArguments:
             self.data_path = [self.data_path]
         if isinstance(self.eval_data_path, str):
             self.eval_data_path = [self.eval_data_path]
+        # On the command line `--model_name_or_path null` arrives as a string; in YAML `null` is None already.
+        for key in ("model_name_or_path", "tokenizer_name_or_path"):
+            if isinstance(getattr(self, key), str) and getattr(self, key).lower() in ("null", "none", ""):
+                setattr(self, key, None)
 
 
 def _known_keys(dataclass_types: tuple[type, ...]) -> set[str]:
@@ -504,6 +508,11 @@ def run_recipe(
     resume_from = resolve_resume(training_args)
     guards.check_resume_point(resume_from)
     guards.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
+    try:
+        # Cheap, and before the data is tokenized: a mistyped model path must not wait for that.
+        source_kind(args.model_name_or_path)
+    except ModelSourceError as err:
+        raise RecipeError(f"model_name_or_path {err}") from err
     try:
         tokenizer = load_tokenizer(tokenizer_path(args))
     except (OSError, ValueError) as err:
