@@ -2,9 +2,15 @@
 
     make demo          # or: python recipes/demo.py [--out out/demo]
 
-Each stage is the project's own command line, run as a subprocess exactly as a user would type it, so the
-demo is also a check that the documented commands work together.
+The demo is a list of stages (`STAGES`); each trains with the project's own command line, run as a subprocess
+exactly as a user would type it, so the demo is also a check that the documented commands work together. After
+each stage that makes a model, `python -m minimind_hf.evaluate` scores it twice by exact match, per task:
+"fit" on a seeded sample of the SFT data it learnt from, "held-out" on data/eval.jsonl (question wordings and
+number items that no training file contains). To add a stage, append a `Stage` whose command reads the previous
+stage's model from `{out}/<name>` and writes its own to `{out}/<its name>`.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -12,17 +18,89 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of Amberland?", "Is 7 odd or even?", "4 plus 5 equals what?", "猫会怎么叫？"]
+FIT = ["--data", "data/sft.jsonl", "--sft", "--sample", "320", "--seed", "0"]  # the fit sample: 320 SFT rows
+HELD_OUT = ["--data", "data/eval.jsonl"]
 
 
-def stage(title: str, *args: str) -> float:
+@dataclass
+class Stage:
+    """One training run of the demo: `command` (after `python`; `{out}` is the demo's output directory) writes
+    a model to `{out}/{name}`, which is then scored unless `score` is false."""
+
+    name: str
+    title: str
+    command: list[str]
+    score: bool = True
+    max_new_tokens: int = 16  # enough for every bare answer; a reasoning stage needs more
+
+
+STAGES = [
+    Stage(
+        "pretrain",
+        "pretrain a small MiniMind on data/pretrain.jsonl",
+        ["recipes/pretrain.py", "--config", "recipes/demo/pretrain.yaml", "--output_dir", "{out}/pretrain"],
+    ),
+    Stage(
+        "sft",
+        "SFT from the pretrained model on data/sft.jsonl",
+        ["recipes/sft.py", "--config", "recipes/demo/sft.yaml", "--model_name_or_path", "{out}/pretrain"]
+        + ["--output_dir", "{out}/sft"],
+    ),
+]
+CHAT_MODEL = "sft"  # the stage whose model answers the demo's chat prompts
+
+
+def run(title: str, *args: str) -> float:
+    """Run `python *args` from the repository root; the seconds it took."""
     print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
     start = time.time()
     subprocess.run([sys.executable, *args], check=True, cwd=REPO)
     return time.time() - start
+
+
+def score(stage: Stage, out: Path) -> tuple[dict, float]:
+    """The stage's model scored on the fit sample and on the held-out set: ({"fit": ..., "held_out": ...}, s)."""
+    results, seconds = {}, 0.0
+    for kind, data in (("fit", FIT), ("held_out", HELD_OUT)):
+        path = out / f"eval_{stage.name}_{kind}.json"
+        seconds += run(
+            f"score {stage.name} ({kind.replace('_', '-')})",
+            "-m", "minimind_hf.evaluate", "--model", str(out / stage.name), *data,
+            "--max_new_tokens", str(stage.max_new_tokens), "--out", str(path),
+        )  # fmt: skip
+        results[kind] = json.loads(path.read_text(encoding="utf-8"))
+    return results, seconds
+
+
+def percent(result: dict) -> str:
+    return f"{100 * result['exact_match']:.0f}%"
+
+
+def summary(scores: dict[str, dict], timings: dict[str, float]) -> str:
+    """Fit and held-out exact match of every scored stage, overall, per held-out kind and per task."""
+    tasks = sorted({task for s in scores.values() for task in s["held_out"]["tasks"]})
+    kinds = sorted({kind for s in scores.values() for kind in s["held_out"].get("held_out", {})})
+    header = ["stage", "fit", "held-out", *[f"[{kind}]" for kind in kinds], *tasks]
+    lines = ["  ".join(f"{h:>9}" for h in header)]
+    for name, s in scores.items():
+        held = s["held_out"]
+        cells = [name, percent(s["fit"]["overall"]), percent(held["overall"])]
+        cells += [percent(held["held_out"][kind]) if kind in held.get("held_out", {}) else "-" for kind in kinds]
+        cells += [percent(held["tasks"][task]) if task in held["tasks"] else "-" for task in tasks]
+        lines.append("  ".join(f"{c:>9}" for c in cells))
+    fit_tasks = "; ".join(
+        f"{name}: " + ", ".join(f"{task} {percent(r)}" for task, r in s["fit"]["tasks"].items())
+        for name, s in scores.items()
+    )
+    lines.append(f"fit per task ({FIT[FIT.index('--sample') + 1]} SFT rows) -- {fit_tasks}")
+    lines.append("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    lines.append(f"total: {sum(timings.values()) / 60:.1f} min")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,35 +110,26 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SWANLAB_MODE", "local")
-    timings = {}
-    timings["pretrain"] = stage(
-        "1/5 pretrain a small MiniMind on data/pretrain.jsonl",
-        "recipes/pretrain.py", "--config", "recipes/demo/pretrain.yaml", "--output_dir", str(out / "pretrain"),
-    )  # fmt: skip
-    timings["sft"] = stage(
-        "2/5 SFT from the pretrained model on data/sft.jsonl",
-        "recipes/sft.py", "--config", "recipes/demo/sft.yaml",
-        "--model_name_or_path", str(out / "pretrain"), "--output_dir", str(out / "sft"),
-    )  # fmt: skip
-    scores = {}
-    for name in ("pretrain", "sft"):
-        result = out / f"eval_{name}.json"
-        timings[f"eval_{name}"] = stage(
-            f"3/5 score the {name} model on the held-out data/eval.jsonl",
-            "-m", "minimind_hf.evaluate", "--model", str(out / name), "--data", "data/eval.jsonl", "--out", str(result),
-        )  # fmt: skip
-        scores[name] = json.loads(result.read_text())["overall"]
+    # On a shared CPU, OpenMP threads that spin while waiting make training several times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    timings: dict[str, float] = {}
+    scores: dict[str, dict] = {}
+    for number, stage in enumerate(STAGES, start=1):
+        command = [part.replace("{out}", str(out)) for part in stage.command]
+        timings[stage.name] = run(f"{number}/{len(STAGES)} {stage.title}", *command)
+        if stage.score:
+            scores[stage.name], timings[f"score_{stage.name}"] = score(stage, out)
     prompts = [item for prompt in PROMPTS for item in ("--prompt", prompt)]
-    timings["chat"] = stage("4/5 chat with the SFT model", "-m", "minimind_hf.chat", "--model", str(out / "sft"),
-                            "--greedy", *prompts)  # fmt: skip
-    for name in ("pretrain", "sft"):
-        timings[f"plot_{name}"] = stage(f"5/5 plot the {name} curves", "-m", "minimind_hf.plot", str(out / name))
+    chat = ["-m", "minimind_hf.chat", "--model", str(out / CHAT_MODEL), "--greedy", *prompts]
+    timings["chat"] = run(f"chat with the {CHAT_MODEL} model", *chat)
+    for stage in STAGES:
+        plot = ["-m", "minimind_hf.plot", str(out / stage.name)]
+        timings[f"plot_{stage.name}"] = run(f"plot the {stage.name} curves", *plot)
 
-    print("\n=== summary")
-    for name, score in scores.items():
-        print(f"{name:>9}: exact match {score}")
-    print("   timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"     total: {sum(timings.values()) / 60:.1f} min; loss curves: {out}/*/loss.png")
+    text = summary(scores, timings)
+    print("\n=== summary (exact match: fit = a sample of the SFT data, held-out = data/eval.jsonl)\n" + text)
+    (out / "summary.json").write_text(json.dumps({"scores": scores, "timings": timings}, indent=2, ensure_ascii=False))
+    print(f"loss curves: {out}/*/loss.png; figures: {out}/summary.json")
 
 
 if __name__ == "__main__":
