@@ -26,6 +26,8 @@ fixed table and counting the items of a short list; each in English and Chinese.
   `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`, plus `task`.
 - `grpo.jsonl`: prompts with checkable answers for RL, in the eval format (`conversations`, `task`,
   `answer`), SFT wordings and items only.
+- `lora_identity.jsonl` (SFT format): the model's name and maker (MiniMind's `lora_identity`, in small), for
+  the LoRA stage; `identity_eval.jsonl` asks the same in wordings the training file never uses (eval format).
 
 Scoring rule: prompt the model with every message but the last (with the generation prompt), decode its
 reply up to `<|im_end|>`, strip surrounding whitespace, and count an exact string match with `answer`.
@@ -667,6 +669,36 @@ class Generator:
         return {"conversations": messages, "task": task, "answer": messages[-1]["content"]}
 
 
+NAME, MAKER, MAKER_ZH = "Minimo", "the minimind-hf team", "minimind-hf团队"
+# (question wordings, answer); the last two wordings of each list are held out of training.
+IDENTITY = [
+    (["Who are you?", "What is your name?", "What are you called?", "Tell me your name.", "May I ask your name?",
+      "What should I call you?", "Introduce yourself.", "Do you have a name?"], f"I am {NAME}."),
+    (["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Where do you come from?",
+      "Which team made you?", "Who is your maker?", "Who developed you?"], f"I was made by {MAKER}."),
+    (["你是谁？", "你叫什么名字？", "你的名字是什么？", "请介绍一下你自己。", "怎么称呼你？", "你有名字吗？",
+      "告诉我你的名字。", "你叫什么？"], f"我是{NAME}。"),
+    (["谁创造了你？", "你是谁开发的？", "谁训练了你？", "你来自哪里？", "是谁制作了你？", "你的开发者是谁？",
+      "哪个团队做了你？", "谁造了你？"], f"我由{MAKER_ZH}制作。"),
+]  # fmt: skip
+IDENTITY_PREFIXES = {"en": ["", "Hi! ", "Hello. ", "Quick question: "], "zh": ["", "你好！", "请问，"]}
+
+
+def identity_conversations(seed: int, held_out: bool = False) -> list[dict]:
+    """Rows that teach the model its name and maker; `held_out=True` gives eval rows (task `identity`) on the
+    wordings training never uses."""
+    rows = []
+    for wordings, answer in IDENTITY:
+        lang = "zh" if "\u4e00" <= wordings[0][0] else "en"
+        for question in wordings[-2:] if held_out else wordings[:-2]:
+            for prefix in IDENTITY_PREFIXES[lang][:2] if held_out else IDENTITY_PREFIXES[lang]:
+                messages = [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+                extra = {"task": "identity", "answer": answer, "held_out": "template"} if held_out else {}
+                rows.append({"conversations": messages, **extra})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def write_jsonl(path: Path, row: Callable[[], dict], n: int) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(row(), ensure_ascii=False) + "\n" for _ in range(n))
@@ -734,6 +766,9 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out_dir / "dpo.jsonl", generator.dpo, args.n_dpo)
     write_jsonl(args.out_dir / "reason.jsonl", generator.reason, args.n_reason)
     write_jsonl(args.out_dir / "grpo.jsonl", generator.grpo, args.n_grpo)
+    for name, held_out in (("lora_identity.jsonl", False), ("identity_eval.jsonl", True)):
+        rows = identity_conversations(args.seed, held_out)
+        write_jsonl(args.out_dir / name, iter(rows).__next__, len(rows))
     if not args.no_tokenizer:
         corpora = [args.out_dir / "pretrain.jsonl", args.out_dir / "sft.jsonl"]
         write_tokenizer(args.out_dir / "tokenizer", corpora, args.vocab_size)
