@@ -52,6 +52,7 @@ def write_recipe(tmp_path: Path, name: str = "recipe.yaml", **overrides) -> Path
         "data_path": str(tmp_path / "dpo.jsonl"),
         "model_name_or_path": str(save_hf_dir(tiny_model(), tmp_path / "policy")),
         "output_dir": str(tmp_path / "out"),
+        "max_length": 128,  # the default system prompt and an arithmetic question take ~64 shipped tokens
         "max_steps": 4,
         "save_steps": 2,
         "logging_steps": 1,
