@@ -75,7 +75,7 @@ def solve(task: str, question: str) -> str | None:
 
 def test_generator_is_deterministic_and_writes_every_file(tmp_path):
     first, second = generate(tmp_path / "a", 1), generate(tmp_path / "b", 1)
-    assert list(first) == FILES
+    assert set(FILES) <= set(first)
     assert first == second
     assert generate(tmp_path / "c", 2)["sft.jsonl"] != first["sft.jsonl"]
 
