@@ -307,7 +307,9 @@ def test_moe_and_adapter_models_are_served(models, form):
     with in_thread(build_app(model, tokenizer, form)) as url:
         api = client(url)
         assert ask(api, form, QUESTION) == expected(QUESTION)
-        assert ask(api, form, QUESTION, stream=True) == expected(QUESTION)
+        # A reply cut by max_tokens inside a multi-byte character ends with U+FFFD when decoded whole; the stream
+        # (transformers serve's streamer) holds that partial character back (a limitation the README states).
+        assert ask(api, form, QUESTION, stream=True) == expected(QUESTION).rstrip("\ufffd")
     if form == "adapter":
         assert expected(QUESTION) != reference(models["dense"])(QUESTION), "the adapter must be merged in"
 
