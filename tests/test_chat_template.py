@@ -90,7 +90,7 @@ def test_tools_render_in_the_system_turn(original):
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
     assert json.dumps(WEATHER, ensure_ascii=False) in text
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>' in text
-    assert "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>" in text
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>' in text
 
 
 def supervised_spans(tokenizer, messages, **kwargs) -> list[str]:
