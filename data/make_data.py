@@ -26,8 +26,9 @@ fixed table and counting the items of a short list; each in English and Chinese.
   `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`, plus `task`.
 - `grpo.jsonl`: prompts with checkable answers for RL, in the eval format (`conversations`, `task`,
   `answer`), SFT wordings and items only.
-- `lora_identity.jsonl` (SFT format): the model's name and maker (MiniMind's `lora_identity`, in small), for
-  the LoRA stage; `identity_eval.jsonl` asks the same in wordings the training file never uses (eval format).
+- `lora_identity.jsonl` (SFT format): the model's name and maker (MiniMind's `lora_identity`, in small), with
+  the first SFT conversations rehearsed beside them, for the LoRA stage; `identity_eval.jsonl` asks the identity
+  in wordings the training file never uses (eval format).
 
 Scoring rule: prompt the model with every message but the last (with the generation prompt), decode its
 reply up to `<|im_end|>`, strip surrounding whitespace, and count an exact string match with `answer`.
@@ -753,6 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_dpo", type=int, default=2_500)
     parser.add_argument("--n_reason", type=int, default=1_500)
     parser.add_argument("--n_grpo", type=int, default=1_500)
+    parser.add_argument("--n_rehearsal", type=int, default=256, help="SFT rows mixed into lora_identity.jsonl")
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--no_tokenizer", action="store_true", help="skip training data/tokenizer")
     args = parser.parse_args(argv)
@@ -766,9 +768,14 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out_dir / "dpo.jsonl", generator.dpo, args.n_dpo)
     write_jsonl(args.out_dir / "reason.jsonl", generator.reason, args.n_reason)
     write_jsonl(args.out_dir / "grpo.jsonl", generator.grpo, args.n_grpo)
-    for name, held_out in (("lora_identity.jsonl", False), ("identity_eval.jsonl", True)):
-        rows = identity_conversations(args.seed, held_out)
-        write_jsonl(args.out_dir / name, iter(rows).__next__, len(rows))
+    # The LoRA set rehearses the first SFT conversations next to the new facts, so that the adapter adds the
+    # identity without overwriting the tasks (training on the identity alone makes every reply an introduction).
+    rehearsal = Generator(args.seed)
+    identity = identity_conversations(args.seed) + [rehearsal.sft() for _ in range(args.n_rehearsal)]
+    random.Random(args.seed).shuffle(identity)
+    write_jsonl(args.out_dir / "lora_identity.jsonl", iter(identity).__next__, len(identity))
+    identity_eval = identity_conversations(args.seed, held_out=True)
+    write_jsonl(args.out_dir / "identity_eval.jsonl", iter(identity_eval).__next__, len(identity_eval))
     if not args.no_tokenizer:
         corpora = [args.out_dir / "pretrain.jsonl", args.out_dir / "sft.jsonl"]
         write_tokenizer(args.out_dir / "tokenizer", corpora, args.vocab_size)

@@ -37,6 +37,7 @@ class Stage:
     command: list[str]
     score: bool = True
     max_new_tokens: int = 16  # enough for every bare answer; a reasoning stage needs more
+    extra: tuple[str, ...] = ()  # more evaluation files this stage's model is scored on (by file stem)
 
 
 STAGES = [
@@ -50,6 +51,26 @@ STAGES = [
         "SFT from the pretrained model on data/sft.jsonl",
         ["recipes/sft.py", "--config", "recipes/demo/sft.yaml", "--model_name_or_path", "{out}/pretrain"]
         + ["--output_dir", "{out}/sft"],
+        extra=("data/identity_eval.jsonl",),
+    ),
+    Stage(
+        "dpo",
+        "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)",
+        ["recipes/dpo.py", "--config", "recipes/demo/dpo.yaml", "--model_name_or_path", "{out}/sft"]
+        + ["--output_dir", "{out}/dpo"],
+    ),
+    Stage(
+        "lora",
+        "LoRA on the SFT model: its name and maker (data/lora_identity.jsonl); the SFT model stays as it was",
+        ["recipes/lora.py", "--config", "recipes/demo/lora.yaml", "--model_name_or_path", "{out}/sft"]
+        + ["--output_dir", "{out}/lora"],
+        extra=("data/identity_eval.jsonl",),
+    ),
+    Stage(
+        "grpo",
+        "GRPO from the SFT model on data/grpo.jsonl, rewarded by exact match",
+        ["recipes/grpo.py", "--config", "recipes/demo/grpo.yaml", "--model_name_or_path", "{out}/sft"]
+        + ["--output_dir", "{out}/grpo"],
     ),
 ]
 CHAT_MODEL = "sft"  # the stage whose model answers the demo's chat prompts
@@ -66,7 +87,8 @@ def run(title: str, *args: str) -> float:
 def score(stage: Stage, out: Path) -> tuple[dict, float]:
     """The stage's model scored on the fit sample and on the held-out set: ({"fit": ..., "held_out": ...}, s)."""
     results, seconds = {}, 0.0
-    for kind, data in (("fit", FIT), ("held_out", HELD_OUT)):
+    extra = [(Path(path).stem, ["--data", path]) for path in stage.extra]
+    for kind, data in (("fit", FIT), ("held_out", HELD_OUT), *extra):
         path = out / f"eval_{stage.name}_{kind}.json"
         seconds += run(
             f"score {stage.name} ({kind.replace('_', '-')})",
@@ -85,13 +107,15 @@ def summary(scores: dict[str, dict], timings: dict[str, float]) -> str:
     """Fit and held-out exact match of every scored stage, overall, per held-out kind and per task."""
     tasks = sorted({task for s in scores.values() for task in s["held_out"]["tasks"]})
     kinds = sorted({kind for s in scores.values() for kind in s["held_out"].get("held_out", {})})
-    header = ["stage", "fit", "held-out", *[f"[{kind}]" for kind in kinds], *tasks]
+    extras = sorted({name for s in scores.values() for name in s} - {"fit", "held_out"})
+    header = ["stage", "fit", "held-out", *[f"[{kind}]" for kind in kinds], *tasks, *extras]
     lines = ["  ".join(f"{h:>9}" for h in header)]
     for name, s in scores.items():
         held = s["held_out"]
         cells = [name, percent(s["fit"]["overall"]), percent(held["overall"])]
         cells += [percent(held["held_out"][kind]) if kind in held.get("held_out", {}) else "-" for kind in kinds]
         cells += [percent(held["tasks"][task]) if task in held["tasks"] else "-" for task in tasks]
+        cells += [percent(s[name]["overall"]) if name in s else "-" for name in extras]
         lines.append("  ".join(f"{c:>9}" for c in cells))
     fit_tasks = "; ".join(
         f"{name}: " + ", ".join(f"{task} {percent(r)}" for task, r in s["fit"]["tasks"].items())
@@ -106,7 +130,12 @@ def summary(scores: dict[str, dict], timings: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="where the runs go")
+    names = [stage.name for stage in STAGES]
+    parser.add_argument(
+        "--only", nargs="+", choices=names, default=names, help="run these stages (earlier ones' models must exist)"
+    )
     args = parser.parse_args(argv)
+    stages = [stage for stage in STAGES if stage.name in args.only]
     out = Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SWANLAB_MODE", "local")
@@ -114,15 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     timings: dict[str, float] = {}
     scores: dict[str, dict] = {}
-    for number, stage in enumerate(STAGES, start=1):
-        command = [part.replace("{out}", str(out)) for part in stage.command]
-        timings[stage.name] = run(f"{number}/{len(STAGES)} {stage.title}", *command)
+    for number, stage in enumerate(stages, start=1):
+        # Each stage replaces what an earlier demo left in its output directory.
+        command = [part.replace("{out}", str(out)) for part in stage.command] + ["--overwrite_output_dir", "true"]
+        timings[stage.name] = run(f"{number}/{len(stages)} {stage.title}", *command)
         if stage.score:
             scores[stage.name], timings[f"score_{stage.name}"] = score(stage, out)
     prompts = [item for prompt in PROMPTS for item in ("--prompt", prompt)]
     chat = ["-m", "minimind_hf.chat", "--model", str(out / CHAT_MODEL), "--greedy", *prompts]
     timings["chat"] = run(f"chat with the {CHAT_MODEL} model", *chat)
-    for stage in STAGES:
+    if any(stage.name == "lora" for stage in stages):
+        who = ["--prompt", "Who are you?", "--prompt", "你是谁开发的？", "--prompt", "Is 7 odd or even?"]
+        chat = ["-m", "minimind_hf.chat", "--model", str(out / "lora"), "--greedy", *who]
+        timings["chat_lora"] = run("chat with the LoRA adapter (name, maker, and a task it was not trained on)", *chat)
+    for stage in stages:
         plot = ["-m", "minimind_hf.plot", str(out / stage.name)]
         timings[f"plot_{stage.name}"] = run(f"plot the {stage.name} curves", *plot)
 
