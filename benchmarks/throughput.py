@@ -12,7 +12,7 @@ optimizer steps on the same SFT data, each in its own subprocess, so that its pe
   `torch.optim.AdamW` with its defaults, MiniMind's cosine learning rate set every step, mean cross-entropy over
   the supervised targets plus the MoE aux loss, gradient clipping at 1.0, a shuffling DataLoader.
 - `recipe`: `recipes/sft.py` as it runs by default (`parse_recipe` on a generated YAML, `load_model`,
-  `build_trainer`, `trainer.train()`): packed rows with per-sample `position_ids`, bf16 autocast, the LM head
+  `build_sft_trainer`, `trainer.train()`): packed rows with per-sample `position_ids`, bf16 autocast, the LM head
   only at supervised positions. Its rows hold as many real tokens per step as the baseline's `--batch_size`
   samples do on average (`--batch_size` x mean length / `max_length` rows), so both make the same number of
   updates on the same number of tokens and their losses compare.
@@ -445,7 +445,7 @@ def build_recipe_trainer(settings: Settings, name: str, variant: Variant):
 
     from minimind_hf.data import load_sft_dataset
     from minimind_hf.tokenizer import load_tokenizer
-    from minimind_hf.training import build_trainer, load_model, parse_recipe
+    from minimind_hf.training import build_sft_trainer, load_model, parse_recipe
 
     args, training_args = parse_recipe(
         argv=["--config", str(write_recipe_yaml(settings, name, variant))], defaults={"assistant_only_loss": True}
@@ -454,7 +454,7 @@ def build_recipe_trainer(settings: Settings, name: str, variant: Variant):
     dataset = load_sft_dataset(args.data_path, tokenizer=tokenizer, max_length=training_args.max_length)
     set_seed(settings.seed)
     model = load_model(args)
-    trainer = build_trainer(model, tokenizer, training_args, dataset)
+    trainer = build_sft_trainer(model, tokenizer, training_args, dataset)
     if variant.full_logits:
         trainer.compute_loss = _full_logits_loss
     return trainer, tokenizer

@@ -77,6 +77,21 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
+def read_state_dict(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> dict[str, torch.Tensor]:
+    """The flat state dict of tensors in an original `.pth` (`what` names its kind in errors), with DDP and
+    compile prefixes stripped. Never unpickles code (`weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise error(f"{path}: not a readable {what} state dict ({err})") from err
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise error(f"{path}: expected a non-empty flat state dict of tensors")
+    return {_strip_prefix(k): v for k, v in raw.items()}
+
+
 def load_pth(
     path: str | os.PathLike, config: MiniMindConfig, dtype: torch.dtype = torch.float32
 ) -> MiniMindForCausalLM:
@@ -86,15 +101,7 @@ def load_pth(
     between the file and `config` is the usual mistake. Loading never unpickles code (`weights_only=True`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .pth file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable MiniMind .pth state dict ({err})") from err
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ValueError(f"{path}: expected a flat state dict of tensors")
-    state = {_strip_prefix(k): v for k, v in raw.items()}
+    state = read_state_dict(path, "MiniMind .pth")
 
     model = MiniMindForCausalLM(config)
     expected = model.state_dict()

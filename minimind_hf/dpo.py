@@ -43,9 +43,8 @@ from .data import (
     register_format,
 )
 from .loading import ModelSourceError, source_kind
-from .loading import load_model as load_any_model
 from .tokenizer import BOS_TOKEN, EOS_TOKEN
-from .training import MiniMindArguments, RecipeError
+from .training import MiniMindArguments, RecipeError, load_model
 
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES})
@@ -183,17 +182,7 @@ def load_reference(args: DPOArguments, model: torch.nn.Module) -> torch.nn.Modul
     if args.ref_model_name_or_path is None:
         reference = copy.deepcopy(model)
     else:
-        try:
-            reference = load_any_model(
-                args.ref_model_name_or_path,
-                hidden_size=args.hidden_size,
-                num_hidden_layers=args.num_hidden_layers,
-                use_moe=args.use_moe,
-                config_overrides=args.config_overrides,
-                attn_implementation=args.attn_implementation,
-            )
-        except (ModelSourceError, ValueError) as err:
-            raise RecipeError(f"ref_model_name_or_path {err}") from err
+        reference = load_model(args, args.ref_model_name_or_path, key="ref_model_name_or_path")
         if reference.config.vocab_size != model.config.vocab_size:
             raise RecipeError(
                 f"ref_model_name_or_path {args.ref_model_name_or_path} has vocab_size={reference.config.vocab_size}, "

@@ -88,26 +88,14 @@ def init_lora_like_minimind(model: PeftModel, std: float = MINIMIND_INIT_STD, se
                     module.lora_B[name].weight.zero_()
 
 
-def _strip_wrappers(key: str) -> str:
-    from .convert import _strip_prefix
-
-    return _strip_prefix(key)
-
-
 def read_lora_pth(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{module path: (A, B)}` of an original adapter file, checked for pairs and shapes (rank = A's rows)."""
+    from .convert import read_state_dict
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such LoRA .pth file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LoraFileError(f"{path}: not a readable LoRA .pth state dict ({err})") from err
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise LoraFileError(f"{path}: expected a non-empty flat state dict of tensors")
+    raw = read_state_dict(path, "LoRA .pth", error=LoraFileError)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
-        key = _strip_wrappers(key)
         for suffix, half in ((PTH_A, "A"), (PTH_B, "B")):
             if key.endswith(suffix):
                 halves.setdefault(key[: -len(suffix)], {})[half] = tensor
@@ -254,47 +242,34 @@ def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, **siz
     return out_dir
 
 
-def _size_options(parser) -> None:
-    parser.add_argument("--hidden_size", type=int, default=None, help="a .pth base only: its sizes")
-    parser.add_argument("--num_hidden_layers", type=int, default=None)
-    parser.add_argument("--use_moe", type=int, choices=(0, 1), default=None)
-    parser.add_argument("--config_overrides", default="", help='e.g. "num_attention_heads=4"')
-
-
-def _sizes(args) -> dict[str, Any]:
-    use_moe = None if args.use_moe is None else bool(args.use_moe)
-    return {
-        "hidden_size": args.hidden_size,
-        "num_hidden_layers": args.num_hidden_layers,
-        "use_moe": use_moe,
-        "config_overrides": args.config_overrides,
-    }
-
-
 def add_lora_commands(sub) -> None:
     """`merge-lora`, `lorapth2peft`, `peft2lorapth` for `python -m minimind_hf.convert`."""
+    from .loading import add_size_arguments
+
     merge = sub.add_parser("merge-lora", help="PEFT adapter directory -> its base with the adapter merged (HF dir)")
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
-    _size_options(merge)
+    add_size_arguments(merge)
     to_peft = sub.add_parser("lorapth2peft", help="original LoRA .pth (save_lora) -> PEFT adapter directory")
     to_peft.add_argument("pth")
     to_peft.add_argument("out_dir")
     to_peft.add_argument("--base", required=True, help="the model the adapter was trained on (any model source)")
     to_peft.add_argument("--tokenizer", help="tokenizer to copy into the adapter (default: the base's)")
-    _size_options(to_peft)
+    add_size_arguments(to_peft)
     to_pth = sub.add_parser("peft2lorapth", help="PEFT adapter directory -> original LoRA .pth (save_lora format)")
     to_pth.add_argument("adapter_dir")
     to_pth.add_argument("pth")
-    _size_options(to_pth)
+    add_size_arguments(to_pth)
 
 
 def run_lora_command(args) -> str | None:
     """Run a LoRA subcommand (None when `args.command` is another one); returns what was written."""
+    from .loading import sizes_from_args
+
     if args.command == "merge-lora":
-        return str(merge_lora(args.adapter_dir, args.out_dir, **_sizes(args)))
+        return str(merge_lora(args.adapter_dir, args.out_dir, **sizes_from_args(args)))
     if args.command == "lorapth2peft":
-        return str(lora_pth_to_peft(args.pth, args.base, args.out_dir, args.tokenizer, **_sizes(args)))
+        return str(lora_pth_to_peft(args.pth, args.base, args.out_dir, args.tokenizer, **sizes_from_args(args)))
     if args.command == "peft2lorapth":
-        return str(peft_to_lora_pth(args.adapter_dir, args.pth, **_sizes(args)))
+        return str(peft_to_lora_pth(args.adapter_dir, args.pth, **sizes_from_args(args)))
     return None

@@ -200,11 +200,14 @@ def parse_recipe(
         raise RecipeError(f"invalid recipe: {err}") from err
 
 
-def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
-    """The model the recipe starts from, in any form `minimind_hf.loading` knows (or a fresh one of the sizes)."""
+def load_model(
+    args: MiniMindArguments, source: str | None = None, key: str = "model_name_or_path"
+) -> MiniMindForCausalLM:
+    """The model the recipe starts from (`source`, default `args.model_name_or_path`), in any form
+    `minimind_hf.loading` knows (or a fresh one of the recipe's sizes); errors name the recipe `key`."""
     try:
         return load_any_model(
-            args.model_name_or_path,
+            args.model_name_or_path if source is None else source,
             hidden_size=args.hidden_size,
             num_hidden_layers=args.num_hidden_layers,
             use_moe=args.use_moe,
@@ -212,7 +215,7 @@ def load_model(args: MiniMindArguments) -> MiniMindForCausalLM:
             attn_implementation=args.attn_implementation,
         )
     except ModelSourceError as err:
-        raise RecipeError(f"model_name_or_path {err}") from err
+        raise RecipeError(f"{key} {err}") from err
     except (ValueError, StrictDataclassError) as err:  # a config field of the wrong type (`dropout=2`)
         raise RecipeError(" ".join(str(err).split())) from err
 
@@ -412,10 +415,6 @@ def build_sft_trainer(
         trainer.tag_loss_weight = args.tag_loss_weight
         trainer.tag_sequences = [tokenizer.encode(tag, add_special_tokens=False) for tag in args.tag_tokens]
     return trainer
-
-
-# Kept under its old name: benchmarks and tests build the SFT trainer directly.
-build_trainer = build_sft_trainer
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SWANLAB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# After the environment above. `write_tiny_recipe` is re-exported for tests that import it from here.
-from minimind_hf.testing import SHARED_FIXTURES, TOKENIZER_DIR, write_tiny_recipe  # noqa: E402, F401
+# After the environment above.
+from minimind_hf.testing import SHARED_FIXTURES, TOKENIZER_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")

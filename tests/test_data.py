@@ -4,8 +4,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -367,20 +365,6 @@ def test_show_marks_supervised_text(capsys, project_tokenizer_dir):
         assert (marked in out) == (message["role"] == "assistant")
 
 
-def make_data(out_dir: Path, seed: int) -> dict[str, bytes]:
-    sizes = ["--n_pretrain", "300", "--n_sft", "200", "--n_eval", "48"]
-    command = [sys.executable, str(DATA / "make_data.py"), "--seed", str(seed), "--out_dir", str(out_dir)]
-    subprocess.run(command + sizes + ["--no_tokenizer"], check=True)
-    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.jsonl"))}
-
-
-def test_generator_is_deterministic(tmp_path):
-    first, second = make_data(tmp_path / "a", 1), make_data(tmp_path / "b", 1)
-    assert {"eval.jsonl", "pretrain.jsonl", "sft.jsonl"} <= set(first)
-    assert first == second
-    assert make_data(tmp_path / "c", 2)["sft.jsonl"] != first["sft.jsonl"]
-
-
 def check_eval_set(path: Path, sft_path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     sft = load_sft_dataset(sft_path)
@@ -392,11 +376,6 @@ def check_eval_set(path: Path, sft_path: Path) -> None:
         assert row["conversations"][-2]["content"] not in seen
     assert {row["task"] for row in rows} == TASKS
     assert len(load_sft_dataset(path)) == len(rows)
-
-
-def test_generated_eval_answers_are_checkable(tmp_path):
-    make_data(tmp_path, 3)
-    check_eval_set(tmp_path / "eval.jsonl", tmp_path / "sft.jsonl")
 
 
 def test_repository_data(project_tokenizer_dir):

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import pretrain  # noqa: E402
 import sft  # noqa: E402
-from conftest import write_tiny_recipe  # noqa: E402
+
+from minimind_hf.testing import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

@@ -31,7 +31,8 @@ from minimind_hf.training import run_cli
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import sft  # noqa: E402
-from conftest import write_tiny_recipe  # noqa: E402
+
+from minimind_hf.testing import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

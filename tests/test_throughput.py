@@ -17,7 +17,7 @@ from minimind_hf.convert import build_config
 from minimind_hf.data import encode_conversation
 from minimind_hf.modeling_minimind import MiniMindForCausalLM
 from minimind_hf.tokenizer import load_tokenizer
-from minimind_hf.training import build_trainer
+from minimind_hf.training import build_sft_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -61,6 +61,7 @@ def packed_trainer(model, tokenizer, tmp_path: Path):
     args = SFTConfig(
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
+        activation_checkpointing=False,
         bf16=False,
         packing=True,
         max_length=128,
@@ -68,7 +69,7 @@ def packed_trainer(model, tokenizer, tmp_path: Path):
         assistant_only_loss=True,
         report_to="none",
     )
-    return build_trainer(model, tokenizer, args, Dataset.from_list([{"messages": c} for c in CONVERSATIONS]))
+    return build_sft_trainer(model, tokenizer, args, Dataset.from_list([{"messages": c} for c in CONVERSATIONS]))
 
 
 def packed_batch(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
