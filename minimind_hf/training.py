@@ -225,7 +225,7 @@ def check_output_dir(output_dir: str) -> None:
     path = Path(output_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{os.getpid()}"  # one per process: DDP ranks probe the same directory at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:

@@ -3,8 +3,9 @@
     make demo          # or: python recipes/demo.py [--out out/demo]
 
 The demo is a list of stages (`STAGES`); each trains with the project's own command line, run as a subprocess
-exactly as a user would type it, so the demo is also a check that the documented commands work together. After
-each stage that makes a model, `python -m minimind_hf.evaluate` scores it twice by exact match, per task:
+exactly as a user would type it (under `torch.distributed.run`, 2 processes), so the demo is also a check that the
+documented commands work together. After each stage that makes a model, `python -m minimind_hf.evaluate` (its
+`main`, called in this process) scores it twice by exact match, per task:
 "fit" on a seeded sample of the SFT data it learnt from, "held-out" on data/eval.jsonl (question wordings and
 number items that no training file contains). To add a stage, append a `Stage` whose command reads the previous
 stage's model from `{out}/<name>` and writes its own to `{out}/<its name>`.
@@ -18,13 +19,20 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from minimind_hf import chat, evaluate, plot
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of Amberland?", "Is 7 odd or even?", "4 plus 5 equals what?", "猫会怎么叫？"]
 FIT = ["--data", "data/sft.jsonl", "--sft", "--sample", "320", "--seed", "0"]  # the fit sample: 320 SFT rows
 HELD_OUT = ["--data", "data/eval.jsonl"]
+# Every training stage runs as 2 single-threaded processes (DDP over gloo): on a model this small they do ~1.2x
+# the steps of one process with 2 threads (docs/demo_experiments.md), so the demo's recipes give each process
+# half of a step's rows. Two processes whatever the cores, so the figures do not depend on the machine.
+PROCESSES = 2
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Stage:
     score: bool = True
     max_new_tokens: int = 16  # enough for every bare answer; a reasoning stage needs more
     extra: tuple[str, ...] = ()  # more evaluation files this stage's model is scored on (by file stem)
+    distributed: bool = True  # run under `torch.distributed.run` with PROCESSES processes
 
 
 STAGES = [
@@ -76,11 +85,21 @@ STAGES = [
 CHAT_MODEL = "sft"  # the stage whose model answers the demo's chat prompts
 
 
-def run(title: str, *args: str) -> float:
-    """Run `python *args` from the repository root; the seconds it took."""
+def run(title: str, *args: str, env: dict[str, str] | None = None) -> float:
+    """Run `python *args` from the repository root (with `env` added to the environment); the seconds it took."""
     print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
     start = time.time()
-    subprocess.run([sys.executable, *args], check=True, cwd=REPO)
+    subprocess.run([sys.executable, *args], check=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return time.time() - start
+
+
+def call(title: str, main: Callable[[list[str]], object], module: str, *args: str) -> float:
+    """`python -m module *args`, run in this process through the module's `main(argv)`: the same code without a new
+    interpreter's start-up (5-6 s each, ~1.5 minutes over the demo's scoring, chats and plots); the seconds it
+    took."""
+    print(f"\n=== {title}\n$ -m {module} {' '.join(args)}", flush=True)
+    start = time.time()
+    main(list(args))
     return time.time() - start
 
 
@@ -90,10 +109,9 @@ def score(stage: Stage, out: Path) -> tuple[dict, float]:
     extra = [(Path(path).stem, ["--data", path]) for path in stage.extra]
     for kind, data in (("fit", FIT), ("held_out", HELD_OUT), *extra):
         path = out / f"eval_{stage.name}_{kind}.json"
-        seconds += run(
-            f"score {stage.name} ({kind.replace('_', '-')})",
-            "-m", "minimind_hf.evaluate", "--model", str(out / stage.name), *data,
-            "--max_new_tokens", str(stage.max_new_tokens), "--out", str(path),
+        seconds += call(
+            f"score {stage.name} ({kind.replace('_', '-')})", evaluate.main, "minimind_hf.evaluate",
+            "--model", str(out / stage.name), *data, "--max_new_tokens", str(stage.max_new_tokens), "--out", str(path),
         )  # fmt: skip
         results[kind] = json.loads(path.read_text(encoding="utf-8"))
     return results, seconds
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     stages = [stage for stage in STAGES if stage.name in args.only]
+    os.chdir(REPO)  # every path of the stages (data/, recipes/, --out) is relative to the repository
     out = Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SWANLAB_MODE", "local")
@@ -146,19 +165,25 @@ def main(argv: list[str] | None = None) -> None:
     for number, stage in enumerate(stages, start=1):
         # Each stage replaces what an earlier demo left in its output directory.
         command = [part.replace("{out}", str(out)) for part in stage.command] + ["--overwrite_output_dir", "true"]
-        timings[stage.name] = run(f"{number}/{len(stages)} {stage.title}", *command)
+        env = None
+        if stage.distributed:
+            # --standalone: a free rendezvous port, so two demos can run side by side.
+            command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", *command]
+            env = {"OMP_NUM_THREADS": "1"}
+        timings[stage.name] = run(f"{number}/{len(stages)} {stage.title}", *command, env=env)
         if stage.score:
             scores[stage.name], timings[f"score_{stage.name}"] = score(stage, out)
     prompts = [item for prompt in PROMPTS for item in ("--prompt", prompt)]
-    chat = ["-m", "minimind_hf.chat", "--model", str(out / CHAT_MODEL), "--greedy", *prompts]
-    timings["chat"] = run(f"chat with the {CHAT_MODEL} model", *chat)
+    chat_args = ["--model", str(out / CHAT_MODEL), "--greedy", *prompts]
+    timings["chat"] = call(f"chat with the {CHAT_MODEL} model", chat.main, "minimind_hf.chat", *chat_args)
     if any(stage.name == "lora" for stage in stages):
         who = ["--prompt", "Who are you?", "--prompt", "你是谁开发的？", "--prompt", "Is 7 odd or even?"]
-        chat = ["-m", "minimind_hf.chat", "--model", str(out / "lora"), "--greedy", *who]
-        timings["chat_lora"] = run("chat with the LoRA adapter (name, maker, and a task it was not trained on)", *chat)
+        title = "chat with the LoRA adapter (name, maker, and a task it was not trained on)"
+        lora_args = ["--model", str(out / "lora"), "--greedy", *who]
+        timings["chat_lora"] = call(title, chat.main, "minimind_hf.chat", *lora_args)
     for stage in stages:
-        plot = ["-m", "minimind_hf.plot", str(out / stage.name)]
-        timings[f"plot_{stage.name}"] = run(f"plot the {stage.name} curves", *plot)
+        title = f"plot the {stage.name} curves"
+        timings[f"plot_{stage.name}"] = call(title, plot.main, "minimind_hf.plot", str(out / stage.name))
 
     text = summary(scores, timings)
     print("\n=== summary (exact match: fit = a sample of the SFT data, held-out = data/eval.jsonl)\n" + text)

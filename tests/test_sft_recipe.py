@@ -23,7 +23,7 @@ from minimind_hf.testing import (
     write_sft_data,
     write_tiny_recipe,
 )
-from minimind_hf.training import RecipeError, parse_recipe
+from minimind_hf.training import RecipeError, check_output_dir, parse_recipe
 
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft  # noqa: E402
@@ -227,3 +227,32 @@ def test_project_defaults_no_unused_parameter_search_and_no_deprecated_checkpoin
     assert training_args.activation_checkpointing is False
     deprecated = [str(w.message) for w in caught if "gradient_checkpointing" in str(w.message)]
     assert not deprecated, deprecated
+
+
+def _probe_output_dir(path: str, rounds: int, barrier, failures) -> None:
+    for _ in range(rounds):
+        barrier.wait()  # both processes probe at the same moment, as DDP ranks do at start-up
+        try:
+            check_output_dir(path)
+        except RecipeError as err:
+            failures.put(str(err))
+
+
+def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):
+    # Under torchrun every rank checks the output directory at the same moment; a shared probe file made one
+    # rank delete the file the other was about to delete ("not writable: No such file").
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, failures = context.Barrier(2), context.Queue()
+    ranks = [
+        context.Process(target=_probe_output_dir, args=(str(tmp_path / "out"), 400, barrier, failures))
+        for _ in range(2)
+    ]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert all(rank.exitcode == 0 for rank in ranks)
+    assert failures.empty(), failures.get()
+    assert list((tmp_path / "out").iterdir()) == [], "the probes must leave nothing behind"
