@@ -3,9 +3,10 @@
     python -m minimind_hf.plot out/sft                 # out/sft/loss.png, from the newest checkpoint's state
     python -m minimind_hf.plot out/sft/checkpoint-300 --out sft_loss.png
 
-The top panel shows the training loss, and where logged the eval loss and MoE's `lm_loss` / `aux_loss`; the
-bottom one the learning rate. The directory given gets the PNG, `loss.png` (beside the state file when a file is
-given): a run's output directory, rather than a checkpoint that rotation may delete.
+The top panel shows the training loss, and where logged the eval loss and MoE's `lm_loss` / `aux_loss`, with
+GRPO's mean reward and DPO's reward margin on a right-hand axis (a GRPO loss stays near 0 while the reward
+climbs); the bottom one the learning rate. The directory given gets the PNG, `loss.png` (beside the state file
+when a file is given): a run's output directory, rather than a checkpoint that rotation may delete.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 
 STATE_FILE = "trainer_state.json"
 LOSS_KEYS = {"loss": "train loss", "lm_loss": "train lm_loss", "aux_loss": "train aux_loss", "eval_loss": "eval loss"}
+REWARD_KEYS = {"reward": "mean reward (right)", "rewards/margins": "reward margin (right)"}
 
 
 def find_trainer_state(path: str | Path) -> Path:
@@ -51,7 +53,7 @@ def plot_trainer_state(state_path: str | Path, out_path: str | Path | None = Non
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
         raise ValueError(f"{state_path}: log_history is not a list of objects")
     for number, entry in enumerate(history):
-        for key in ("step", "learning_rate", *LOSS_KEYS):
+        for key in ("step", "learning_rate", *LOSS_KEYS, *REWARD_KEYS):
             value = entry.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{state_path}: log_history[{number}].{key} is {value!r}, not a number")
@@ -65,7 +67,15 @@ def plot_trainer_state(state_path: str | Path, out_path: str | Path | None = Non
     for label, (steps, values) in curves.items():
         loss_axes.plot(steps, values, "o-" if label.startswith("eval") else "-", label=label, markersize=4)
     loss_axes.set_ylabel("loss")
-    loss_axes.legend()
+    handles = loss_axes.get_legend_handles_labels()
+    rewards = {label: _series(history, key) for key, label in REWARD_KEYS.items()}
+    if rewards := {label: points for label, points in rewards.items() if points[0]}:
+        reward_axes = loss_axes.twinx()
+        for label, (steps, values) in rewards.items():
+            reward_axes.plot(steps, values, "--", color="tab:orange", label=label)
+        reward_axes.set_ylabel("reward")
+        handles = [a + b for a, b in zip(handles, reward_axes.get_legend_handles_labels(), strict=True)]
+    loss_axes.legend(*handles)
     loss_axes.grid(alpha=0.3)
     last_step = max((entry.get("step", 0) for entry in history), default=0)
     loss_axes.set_title(f"{state_path.parent} (up to step {last_step})")

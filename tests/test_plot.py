@@ -79,3 +79,19 @@ def test_missing_state_exits_with_a_clear_error(tmp_path, capsys):
         main([str(tmp_path / "empty_run")])
     assert exit_info.value.code == 1
     assert "empty_run: no trainer_state.json, nor a checkpoint-*/ holding one" in capsys.readouterr().err
+
+
+def test_a_logged_reward_is_drawn_and_checked(tmp_path):
+    state = trainer_state(30)
+    plain = plot_trainer_state(write_state(tmp_path / "plain", steps=30), tmp_path / "plain.png")
+    for number, entry in enumerate(state["log_history"]):
+        if "loss" in entry:
+            entry["reward"] = 0.5 + number / 100
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "trainer_state.json").write_text(json.dumps(state))
+    drawn = plot_trainer_state(tmp_path / "grpo" / "trainer_state.json", tmp_path / "grpo.png")
+    assert (matplotlib.image.imread(drawn) != matplotlib.image.imread(plain)).any(), "the reward curve is missing"
+    state["log_history"][0]["reward"] = "high"
+    (tmp_path / "grpo" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"log_history\[0\]\.reward is 'high'"):
+        plot_trainer_state(tmp_path / "grpo" / "trainer_state.json")
