@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row, p in zip(rows[: args.samples], predictions, strict=False)
     ]
     print(format_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.out:  # its directory was made by the check above
         # NaN (no supervised token at all) is not JSON: null instead.
         record = {"model": args.model, "data": args.data, "sample": args.sample, "seed": args.seed, **results}
         record["mean_loss"] = None if math.isnan(results["mean_loss"]) else results["mean_loss"]

@@ -396,6 +396,24 @@ def _output_dir_problem(output_dir: str, resume_from: str | None, overwrite: boo
     )
 
 
+def _writable_problem(output_dir: str) -> str | None:
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe.{os.getpid()}"  # one per process: two runs may probe the directory at once
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return f"output_dir {output_dir} is not writable: {err}"
+    return None
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Fail before training when the output directory cannot be written (not after hours, at the first save).
+    Decided by the main process, the one that saves."""
+    _main_process_decides(lambda: _writable_problem(output_dir))
+
+
 def check_output_dir_use(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
     """`output_dir` is not in use by a live run, and holds no other run, unless this run resumes from a checkpoint
     in it or `overwrite` (the recipe's `overwrite_output_dir`) says to replace it. Decided by the main process."""

@@ -220,18 +220,6 @@ def load_model(
         raise RecipeError(" ".join(str(err).split())) from err
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Fail before training when the output directory cannot be written (not after hours, at the first save)."""
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe.{os.getpid()}"  # one per process: DDP ranks probe the same directory at once
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise RecipeError(f"output_dir {output_dir} is not writable: {err}") from err
-
-
 @dataclass
 class PackedRowsCollator(DataCollatorForLanguageModeling):
     """Rows of packed samples with `position_ids` that restart at each sample, and no `attention_mask`.
@@ -532,7 +520,7 @@ def run_recipe(
             model = stage.finished_model(model, resume_from, args)
         else:
             model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
-    check_output_dir(training_args.output_dir)
+    guards.check_output_dir_writable(training_args.output_dir)
     with guards.run_lock(training_args.output_dir):
         if resume_from is None and args.overwrite_output_dir:
             guards.clear_previous_run(training_args.output_dir)

@@ -4,11 +4,11 @@
 
 The demo is a list of stages (`STAGES`); each trains with the project's own command line, run as a subprocess
 exactly as a user would type it (under `torch.distributed.run`, 2 processes), so the demo is also a check that the
-documented commands work together. After each stage that makes a model, `python -m minimind_hf.evaluate` (its
-`main`, called in this process) scores it twice by exact match, per task:
+documented commands work together. After each stage, `python -m minimind_hf.evaluate` (its `main`, called in
+this process) scores the stage's model twice by exact match, per task:
 "fit" on a seeded sample of the SFT data it learnt from, "held-out" on data/eval.jsonl (question wordings and
-number items that no training file contains). To add a stage, append a `Stage` whose command reads the previous
-stage's model from `{out}/<name>` and writes its own to `{out}/<its name>`.
+number items that no training file contains). To add a stage, write `recipes/<name>.py` and
+`recipes/demo/<name>.yaml` and append a `Stage` naming the stage whose model it starts from (`source`).
 """
 
 from __future__ import annotations
@@ -35,61 +35,48 @@ HELD_OUT = ["--data", "data/eval.jsonl"]
 PROCESSES = 2
 
 
+MAX_NEW_TOKENS = "16"  # enough for every bare answer
+
+
 @dataclass
 class Stage:
-    """One training run of the demo: `command` (after `python`; `{out}` is the demo's output directory) writes
-    a model to `{out}/{name}`, which is then scored unless `score` is false."""
+    """One training run of the demo: `recipes/<name>.py --config recipes/demo/<name>.yaml`, starting from the model
+    of the stage `source` (if any) and writing its own to `{out}/<name>`, which is then scored."""
 
     name: str
     title: str
-    command: list[str]
-    score: bool = True
-    max_new_tokens: int = 16  # enough for every bare answer; a reasoning stage needs more
+    source: str | None = None
     extra: tuple[str, ...] = ()  # more evaluation files this stage's model is scored on (by file stem)
-    distributed: bool = True  # run under `torch.distributed.run` with PROCESSES processes
+
+    def command(self, out: Path) -> list[str]:
+        """The stage's recipe under `torch.distributed.run`, replacing what an earlier demo left in its output."""
+        start = ["--model_name_or_path", str(out / self.source)] if self.source else []
+        recipe = [f"recipes/{self.name}.py", "--config", f"recipes/demo/{self.name}.yaml", *start]
+        # --standalone: a free rendezvous port, so two demos can run side by side.
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}"]
+        return [*launcher, *recipe, "--output_dir", str(out / self.name), "--overwrite_output_dir", "true"]
 
 
 STAGES = [
-    Stage(
-        "pretrain",
-        "pretrain a small MiniMind on data/pretrain.jsonl",
-        ["recipes/pretrain.py", "--config", "recipes/demo/pretrain.yaml", "--output_dir", "{out}/pretrain"],
-    ),
-    Stage(
-        "sft",
-        "SFT from the pretrained model on data/sft.jsonl",
-        ["recipes/sft.py", "--config", "recipes/demo/sft.yaml", "--model_name_or_path", "{out}/pretrain"]
-        + ["--output_dir", "{out}/sft"],
-        extra=("data/identity_eval.jsonl",),
-    ),
-    Stage(
-        "dpo",
-        "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)",
-        ["recipes/dpo.py", "--config", "recipes/demo/dpo.yaml", "--model_name_or_path", "{out}/sft"]
-        + ["--output_dir", "{out}/dpo"],
-    ),
+    Stage("pretrain", "pretrain a small MiniMind on data/pretrain.jsonl"),
+    Stage("sft", "SFT from the pretrained model on data/sft.jsonl", "pretrain", extra=("data/identity_eval.jsonl",)),
+    Stage("dpo", "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)", "sft"),
     Stage(
         "lora",
         "LoRA on the SFT model: its name and maker (data/lora_identity.jsonl); the SFT model stays as it was",
-        ["recipes/lora.py", "--config", "recipes/demo/lora.yaml", "--model_name_or_path", "{out}/sft"]
-        + ["--output_dir", "{out}/lora"],
+        "sft",
         extra=("data/identity_eval.jsonl",),
     ),
-    Stage(
-        "grpo",
-        "GRPO from the SFT model on data/grpo.jsonl, rewarded by exact match",
-        ["recipes/grpo.py", "--config", "recipes/demo/grpo.yaml", "--model_name_or_path", "{out}/sft"]
-        + ["--output_dir", "{out}/grpo"],
-    ),
+    Stage("grpo", "GRPO from the SFT model on data/grpo.jsonl, rewarded by exact match", "sft"),
 ]
 CHAT_MODEL = "sft"  # the stage whose model answers the demo's chat prompts
 
 
-def run(title: str, *args: str, env: dict[str, str] | None = None) -> float:
-    """Run `python *args` from the repository root (with `env` added to the environment); the seconds it took."""
+def run(title: str, *args: str) -> float:
+    """Run `python *args` with one OpenMP thread per process (see PROCESSES); the seconds it took."""
     print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
     start = time.time()
-    subprocess.run([sys.executable, *args], check=True, cwd=REPO, env={**os.environ, **(env or {})})
+    subprocess.run([sys.executable, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.time() - start
 
 
@@ -111,7 +98,7 @@ def score(stage: Stage, out: Path) -> tuple[dict, float]:
         path = out / f"eval_{stage.name}_{kind}.json"
         seconds += call(
             f"score {stage.name} ({kind.replace('_', '-')})", evaluate.main, "minimind_hf.evaluate",
-            "--model", str(out / stage.name), *data, "--max_new_tokens", str(stage.max_new_tokens), "--out", str(path),
+            "--model", str(out / stage.name), *data, "--max_new_tokens", MAX_NEW_TOKENS, "--out", str(path),
         )  # fmt: skip
         results[kind] = json.loads(path.read_text(encoding="utf-8"))
     return results, seconds
@@ -163,16 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     timings: dict[str, float] = {}
     scores: dict[str, dict] = {}
     for number, stage in enumerate(stages, start=1):
-        # Each stage replaces what an earlier demo left in its output directory.
-        command = [part.replace("{out}", str(out)) for part in stage.command] + ["--overwrite_output_dir", "true"]
-        env = None
-        if stage.distributed:
-            # --standalone: a free rendezvous port, so two demos can run side by side.
-            command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", *command]
-            env = {"OMP_NUM_THREADS": "1"}
-        timings[stage.name] = run(f"{number}/{len(stages)} {stage.title}", *command, env=env)
-        if stage.score:
-            scores[stage.name], timings[f"score_{stage.name}"] = score(stage, out)
+        title = f"{number}/{len(stages)} {stage.title}"
+        timings[stage.name] = run(title, *stage.command(out))
+        scores[stage.name], timings[f"score_{stage.name}"] = score(stage, out)
     prompts = [item for prompt in PROMPTS for item in ("--prompt", prompt)]
     chat_args = ["--model", str(out / CHAT_MODEL), "--greedy", *prompts]
     timings["chat"] = call(f"chat with the {CHAT_MODEL} model", chat.main, "minimind_hf.chat", *chat_args)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind_hf.checkpointing import MANIFEST, checkpoint_problem
+from minimind_hf.guards import check_output_dir_writable
 from minimind_hf.testing import (
     REPO_ROOT,
     StepCounter,
@@ -23,7 +24,7 @@ from minimind_hf.testing import (
     write_sft_data,
     write_tiny_recipe,
 )
-from minimind_hf.training import RecipeError, check_output_dir, parse_recipe
+from minimind_hf.training import RecipeError, parse_recipe
 
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import sft  # noqa: E402
@@ -233,14 +234,15 @@ def _probe_output_dir(path: str, rounds: int, barrier, failures) -> None:
     for _ in range(rounds):
         barrier.wait()  # both processes probe at the same moment, as DDP ranks do at start-up
         try:
-            check_output_dir(path)
+            check_output_dir_writable(path)
         except RecipeError as err:
             failures.put(str(err))
 
 
 def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):
-    # Under torchrun every rank checks the output directory at the same moment; a shared probe file made one
-    # rank delete the file the other was about to delete ("not writable: No such file").
+    # Two processes checking one output directory at the same moment (under torchrun before only the main process
+    # checked; two runs starting together still do): a shared probe file made one delete the file the other was
+    # about to delete ("not writable: No such file").
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
