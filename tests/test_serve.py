@@ -70,12 +70,15 @@ def models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return paths
 
 
-def reference(source: Path, **sizes):
-    """Greedy replies of `source` loaded by the project's loader, computed in-process (what the server must say)."""
+def reference(source: Path, cut_partial_character: bool = True, **sizes):
+    """Greedy replies of `source` loaded by the project's loader, computed in-process (what the server must say).
+
+    A reply cut by max_tokens inside a multi-byte character ends with U+FFFD when decoded whole; the server ends it
+    at the last whole character instead, streamed or not."""
     model, tokenizer = load_model_and_tokenizer(source, **sizes)
     return lambda messages, max_tokens=MAX_TOKENS: generate_reply(
         model, tokenizer, messages, greedy=True, max_new_tokens=max_tokens
-    )
+    ).rstrip("\ufffd" if cut_partial_character else "")
 
 
 def free_port() -> int:
@@ -307,9 +310,7 @@ def test_moe_and_adapter_models_are_served(models, form):
     with in_thread(build_app(model, tokenizer, form)) as url:
         api = client(url)
         assert ask(api, form, QUESTION) == expected(QUESTION)
-        # A reply cut by max_tokens inside a multi-byte character ends with U+FFFD when decoded whole; the stream
-        # (transformers serve's streamer) holds that partial character back (a limitation the README states).
-        assert ask(api, form, QUESTION, stream=True) == expected(QUESTION).rstrip("\ufffd")
+        assert ask(api, form, QUESTION, stream=True) == expected(QUESTION)
     if form == "adapter":
         assert expected(QUESTION) != reference(models["dense"])(QUESTION), "the adapter must be merged in"
 
@@ -342,7 +343,7 @@ def test_transformers_serve_serves_the_llama_export(models, tmp_path):
     cli = Path(sys.executable).with_name("transformers")
     llama = str(models["llama"])
     argv = [str(cli), "serve", llama, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    expected = reference(models["dense"])
+    expected = reference(models["dense"], cut_partial_character=False)  # transformers serve keeps the U+FFFD
     with in_subprocess(argv, port, tmp_path / "transformers_serve.log") as url:
         check_chat(url, llama, expected)
         # transformers serve answers what it refuses with a 4xx too, and carries on.
@@ -351,3 +352,185 @@ def test_transformers_serve_serves_the_llama_export(models, tmp_path):
         code, _ = post(url, json.dumps({**GOOD, "model": llama, "colour": "red"}).encode())
         assert code == 422
         assert ask(client(url), llama, QUESTION) == expected(QUESTION)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def roomy_server(models):
+    """A server that lets one reply run to 30,000 tokens (minutes on this model) and two requests at once."""
+    model, tokenizer = load_model_and_tokenizer(models["dense"])
+    # The random model would end most replies early: forbid <|im_end|> so that a long request stays long.
+    with in_thread(build_app(model, tokenizer, "minimind-tiny", max_concurrent=2, max_tokens_limit=30000)) as url:
+        yield url, tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+
+
+def test_a_huge_request_neither_holds_the_server_nor_runs_on_once_its_client_has_gone(roomy_server):
+    url, eos = roomy_server
+    long_request = {**GOOD, "max_tokens": 1_000_000, "logit_bias": {str(eos): -100}, "temperature": 0.9}
+    # A client that gives up after 2 s on a non-streamed reply, and one that stops reading a stream.
+    with pytest.raises(openai.APITimeoutError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=2).chat.completions.create(
+            **long_request
+        )
+    stream = client(url).chat.completions.create(stream=True, **long_request)
+    next(iter(stream))
+    assert get_json(f"{url}/health")["generating"] >= 1
+    # While the abandoned one may still be winding down and the stream is live, a short request is answered.
+    started = time.monotonic()
+    assert ask(client(url), "minimind-tiny", QUESTION, max_tokens=4) is not None
+    short_seconds = time.monotonic() - started
+    stream.close()
+    assert wait_until(lambda: get_json(f"{url}/health")["generating"] == 0), "abandoned generations must stop"
+    print(f"short request answered in {short_seconds:.2f} s beside a 1,000,000-token one")
+    assert short_seconds < 30
+
+
+def test_prompts_beyond_the_context_are_refused_and_max_tokens_is_cut_to_it(models):
+    _, tokenizer = load_model_and_tokenizer(models["dense"])
+    model = tiny_model(max_position_embeddings=64)
+    with in_thread(build_app(model, tokenizer, "short")) as url:
+        long_prompt = [{"role": "user", "content": "duck " * 80}]
+        code, answer = post(url, json.dumps({"model": "short", "messages": long_prompt}).encode())
+        assert code == 400 and answer["error"]["code"] == "context_length_exceeded"
+        assert "this model takes at most 63" in answer["error"]["message"]
+        completion = client(url).chat.completions.create(
+            model="short", messages=QUESTION, max_tokens=1_000_000, temperature=0, logit_bias={"2": -100}
+        )
+        assert completion.usage.total_tokens <= 64 and completion.choices[0].finish_reason == "length"
+
+
+def test_a_seeded_request_gives_the_same_reply_however_many_run_beside_it(dense_server):
+    api = client(dense_server)
+    request = {"model": "minimind-tiny", "messages": QUESTION, "temperature": 1.0, "top_p": 1.0, "max_tokens": 12}
+    alone = api.chat.completions.create(seed=7, **request).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        seeds = [7, 8, 7, 9]
+        replies = list(pool.map(lambda s: api.chat.completions.create(seed=s, **request), seeds))
+    texts = [r.choices[0].message.content for r in replies]
+    assert texts[0] == texts[2] == alone
+    assert len(set(texts)) > 1, "other seeds sample other replies"
+
+
+MORE_BAD_REQUESTS = {
+    "tool without a name": ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "tools[0]"),
+    "tool of another type": ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "only 'function'"),
+    "logit_bias beyond the vocabulary": ({"logit_bias": {"99999999": 5}}, "logit_bias"),
+    "logit_bias not a number": ({"logit_bias": {"5": "high"}}, "logit_bias"),
+    "huge seed": ({"seed": 2**70}, "'seed'"),
+    "negative seed": ({"seed": -1}, "'seed'"),
+    "empty stop string": ({"stop": [""]}, "'stop'"),
+    "frequency_penalty at -1": ({"frequency_penalty": -1.0}, "frequency_penalty"),
+    "tool call arguments not JSON": (
+        {
+            "messages": [
+                TOOL_TURNS[0],
+                {**TOOL_TURNS[1], "tool_calls": [{"function": {"name": "get_weather", "arguments": "{oops"}}]},
+            ]
+        },
+        "not valid JSON",
+    ),
+    "generation_config sets the streamer": ({"generation_config": '{"streamer": 1}'}, "cannot be set"),
+}
+
+
+@pytest.mark.parametrize("case", MORE_BAD_REQUESTS, ids=list(MORE_BAD_REQUESTS))
+def test_more_bad_requests_get_a_400(dense_server, case):
+    fields, message = MORE_BAD_REQUESTS[case]
+    code, answer = post(dense_server, json.dumps({**GOOD, **fields}).encode())
+    assert code == 400, answer
+    assert message in answer["error"]["message"]
+
+
+def test_a_lone_surrogate_gets_a_400(dense_server):
+    body = json.dumps(GOOD).replace("A duck goes what?", "\\ud800 duck").encode()
+    code, answer = post(dense_server, body)
+    assert code == 400 and "surrogate" in answer["error"]["message"]
+
+
+SHORT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"city": "str"}}}]
+
+
+def train_tool_caller(tokenizer) -> MiniMindForCausalLM:
+    """A tiny model that has learnt two replies by heart: the weather question gets a `get_weather` call, and the
+    tool's result gets an answer quoting it (what a tool-call SFT teaches, on one example)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Mirenburg"}}}
+    asked = [
+        {"role": "user", "content": "Weather in Mirenburg?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    answered = [
+        *asked,
+        {"role": "tool", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny, 21 C."},
+    ]
+    rows = [
+        tokenizer(tokenizer.apply_chat_template(c, tools=SHORT_TOOLS, tokenize=False), add_special_tokens=False)
+        for c in (asked, answered)
+    ]
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**{**SIZES, "hidden_size": 64}, vocab_size=len(tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = sum(
+            model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["input_ids"]])).loss for r in rows
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_tool_call_round_trip_with_the_openai_client(tokenizer_dir):
+    """Request with tools -> the model's call comes back as OpenAI `tool_calls` -> the client runs the tool and
+    sends its result -> the final answer uses it; streamed and not."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model trains 5-10x faster on one thread than on contended ones
+    try:
+        model = train_tool_caller(tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    with in_thread(build_app(model, tokenizer, "tool-caller")) as url:
+        api = client(url)
+        messages = [{"role": "user", "content": "Weather in Mirenburg?"}]
+        request = {"model": "tool-caller", "tools": SHORT_TOOLS, "temperature": 0, "max_tokens": 80}
+        reply = api.chat.completions.create(messages=messages, **request).choices[0]
+        assert reply.finish_reason == "tool_calls"
+        (call,) = reply.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Mirenburg"}
+
+        chunks = list(api.chat.completions.create(messages=messages, stream=True, **request))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        streamed = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+        assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in streamed] == [
+            (0, "get_weather", {"city": "Mirenburg"})
+        ]
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
+
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+        ]
+        final = api.chat.completions.create(messages=messages, **request).choices[0]
+        assert final.finish_reason == "stop" and not final.message.tool_calls
+        assert "sunny, 21 C" in final.message.content
+        assert ask(api, "tool-caller", messages, stream=True, tools=SHORT_TOOLS, max_tokens=80) == final.message.content
+        # Without tools offered, the same markup is plain text: nothing is parsed out of it.
+        plain = api.chat.completions.create(
+            model="tool-caller", messages=messages[:1], temperature=0, max_tokens=40
+        ).choices[0]
+        assert plain.message.tool_calls is None
