@@ -2,7 +2,7 @@
 
 Both generations write the same markup (MiniMind-3 as trained, MiniMind2 where its template offered tools):
 
-    <think>\\n...reasoning...\\n</think>\\n\\n answer text <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>
+    <think>\\n...reasoning...\\n</think>\\n\\n answer <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>
 
 `split_reply` takes a whole reply apart; `ReplyStream` does the same incrementally for a streamed reply, holding
 back only what could still turn out to be markup (a partial `</think>` or `<tool_call>`), so a client sees the
