@@ -44,8 +44,8 @@ from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.utils import X_REQUEST_ID, GenerationState
 from transformers.utils.import_utils import is_serve_available
 
-from .loading import add_model_arguments, load_from_args
-from .training import generation_config
+from .cli_options import add_model_arguments, load_from_args
+from .tokenizer import generation_config
 
 # The roles MiniMind's chat template renders (a "tool" message is a tool's result, shown to the model as user input).
 ROLES = ("system", "user", "assistant", "tool")
