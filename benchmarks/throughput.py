@@ -764,7 +764,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _config(settings: Settings):
-    from minimind_hf.convert import build_config
+    from minimind_hf.configuration_minimind import build_config
 
     return build_config(
         hidden_size=settings.hidden_size,
