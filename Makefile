@@ -1,4 +1,4 @@
-# Two entry points that work on a fresh machine: `make demo` (the main job) and `make test`.
+# Two entry points that work on a fresh machine: `make demo` (the main job) and `make test` (`make test-all`: every test).
 # Both create .venv when it is missing, with the CPU build of torch 2.13.0 installed first.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-all lint clean
 
 $(PY): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ venv: $(PY)
 demo: $(PY)
 	SWANLAB_MODE=$${SWANLAB_MODE:-local} $(PY) recipes/demo.py
 
+# The fast tests (about 2 minutes on 2 cores); `test-all` adds the multi-process, torchrun, server and
+# fault-injection ones (`@pytest.mark.slow`).
 test: $(PY)
+	SWANLAB_MODE=disabled $(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(PY)
 	SWANLAB_MODE=disabled $(PY) -m pytest -q tests
 
 lint: $(PY)

@@ -88,9 +88,10 @@ def measure(data: Path, work: Path, num_proc: int | None, max_length: int, skip_
     import datasets
     from transformers import TrainerCallback
 
+    from minimind_hf.stages.sft import SFT
     from minimind_hf.tokenizer import load_tokenizer
-    from minimind_hf.training import PROJECT_DEFAULTS, Stage, load_model, parse_recipe
-    from recipes.sft import SFT
+    from minimind_hf.training import PROJECT_DEFAULTS, Stage, parse_recipe
+    from minimind_hf.training import load_recipe_model as load_model
 
     datasets.disable_progress_bars()
     imported = time.perf_counter()

@@ -363,7 +363,7 @@ def run_baseline(settings: Settings, peak_flops: dict[str, float]) -> dict[str, 
     from transformers import set_seed
 
     from minimind_hf.tokenizer import load_tokenizer
-    from minimind_hf.training import load_model
+    from minimind_hf.training import load_recipe_model as load_model
 
     device = _device()
     tokenizer = load_tokenizer(settings.tokenizer)
@@ -444,8 +444,10 @@ def build_recipe_trainer(settings: Settings, name: str, variant: Variant):
     from transformers import set_seed
 
     from minimind_hf.data import load_sft_dataset
+    from minimind_hf.stages.sft import build_sft_trainer
     from minimind_hf.tokenizer import load_tokenizer
-    from minimind_hf.training import build_sft_trainer, load_model, parse_recipe
+    from minimind_hf.training import load_recipe_model as load_model
+    from minimind_hf.training import parse_recipe
 
     args, training_args = parse_recipe(
         argv=["--config", str(write_recipe_yaml(settings, name, variant))], defaults={"assistant_only_loss": True}
@@ -762,7 +764,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _config(settings: Settings):
-    from minimind_hf.convert import build_config
+    from minimind_hf.configuration_minimind import build_config
 
     return build_config(
         hidden_size=settings.hidden_size,

@@ -16,16 +16,18 @@ import sys
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
 
-from .guards import (
-    config_overrides_problem,
+from .cli_options import (
+    add_model_arguments,
     device_problem,
+    load_from_args,
     non_negative_float,
     non_negative_int,
     positive_int,
     probability,
     seed,
 )
-from .loading import DTYPES, add_model_arguments, load_from_args, load_model_and_tokenizer
+from .configuration_minimind import config_overrides_problem
+from .loading import DTYPES, load_model_and_tokenizer
 from .tokenizer import EOS_TOKEN
 
 __all__ = [

@@ -9,6 +9,10 @@ Here a checkpoint is *sealed* once everything in it is written: every file is fs
 `checkpoint_complete.json` (each file's size and SHA-256) is written last, atomically. Resuming trusts only sealed
 checkpoints whose files still match the manifest, and old checkpoints are rotated out only after the new one is
 sealed. A directory without a manifest is what an interrupted save leaves behind.
+
+The resume policy lives here too: which checkpoint `resume_from_checkpoint` means (`resolve_resume`), whether it
+may be resumed (`check_resume_point`, `check_resumable`, `check_checkpoint_fits`) and whether it already holds the
+whole run (`training_finished`). The callback that seals checkpoints during training is in `callbacks.py`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from accelerate import PartialState
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import CheckpointError, RecipeError
+
 logger = logging.getLogger(__name__)
+# What the recipe tells its user (the logger `run_recipe` logs to).
+_recipe_logger = logging.getLogger("minimind_hf")
 
 MANIFEST = "checkpoint_complete.json"
 MANIFEST_FORMAT = 1
@@ -47,10 +53,6 @@ SHAPE_FIELDS = (
 )
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _CHUNK = 1 << 22
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or resumed from; the message names it and what to do."""
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -317,42 +319,6 @@ def save_failed(output_dir: str | os.PathLike, folder: Path, err: BaseException)
     )
 
 
-class SealCheckpointCallback(TrainerCallback):
-    """Seals each checkpoint once the Trainer has written all of it, then rotates old ones (see the module doc).
-
-    The recipe hands this callback its `save_total_limit` and leaves the Trainer's own at None: the library
-    rotates inside its private `_save_checkpoint`, before any public hook runs, so its rotation could delete the
-    last sealed checkpoint while the new one is still unsealed. `extra_files(checkpoint)` writes files that belong
-    in the checkpoint (the logging run id) before the seal, so that the manifest covers them.
-    """
-
-    def __init__(self, save_total_limit: int | None = None, extra_files: Callable[[Path], None] | None = None):
-        self.save_total_limit = save_total_limit
-        self.extra_files = extra_files
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A directory of this step's name is left by an interrupted save, or by a run that went further before we
-        # resumed from an older checkpoint: saving over it in place would mix the files of two saves.
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if control.should_save and state.is_world_process_zero and folder.exists():
-            logger.warning("replacing %s, left by an earlier run", folder)
-            discard_checkpoint(folder)
-        PartialState().wait_for_everyone()
-
-    def on_save(self, args, state, control, **kwargs):
-        # Every rank writes its own RNG state: all must be done before the seal lists the files.
-        PartialState().wait_for_everyone()
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if self.extra_files is not None:
-                self.extra_files(folder)
-            seal_checkpoint(folder)
-            rotate_complete_checkpoints(
-                args.output_dir, self.save_total_limit, keep=[folder, state.best_model_checkpoint]
-            )
-        PartialState().wait_for_everyone()
-
-
 FINAL_MANIFEST = "model_complete.json"
 _STAGING = ".final.partial"
 
@@ -398,3 +364,47 @@ def commit_final(output_dir: str | os.PathLike) -> None:
     _fsync_dir(output_dir)
     shutil.rmtree(staging)
     _fsync_dir(output_dir)
+
+
+def resolve_resume(training_args) -> str | None:
+    """`resume_from_checkpoint`: a path, or true/"true" for the newest complete checkpoint in output_dir (None if
+    none). Incomplete or damaged newer checkpoints are skipped with a warning; a given path must be intact."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, False, "", "false", "False"):
+        return None
+    try:
+        if str(value).lower() == "true":
+            last = last_complete_checkpoint(training_args.output_dir)
+            if last is None:
+                _recipe_logger.warning(
+                    "resume_from_checkpoint: no checkpoint in %s, starting fresh", training_args.output_dir
+                )
+            return last
+        check_resumable(value)
+    except CheckpointError as err:
+        raise RecipeError(f"resume_from_checkpoint: {err}") from err
+    return str(value)
+
+
+def check_resume_point(checkpoint: str | None) -> None:
+    """A resume point must hold optimizer and scheduler state: resuming from a model directory would silently
+    restart both (a new run from those weights is `model_name_or_path`, which says so)."""
+    if checkpoint is None:
+        return
+    folder = Path(checkpoint)
+    if any(folder.glob("optimizer*")) or any(folder.glob("global_step*")):  # plain/FSDP, or DeepSpeed
+        return
+    if (folder / FINAL_MANIFEST).is_file() or list_checkpoints(folder):
+        what = "a final model directory"
+    else:
+        what = "a model without optimizer state (a checkpoint saved with save_only_model: true, or not one at all)"
+    hint = (
+        f"; to continue the newest checkpoint in it, set output_dir: {folder} and resume_from_checkpoint: true"
+        if list_checkpoints(folder)
+        else ""
+    )
+    raise RecipeError(
+        f"resume_from_checkpoint: {folder} is {what}, not a Trainer checkpoint (no optimizer or scheduler state to "
+        f"resume); to start a new run from its weights, set model_name_or_path: {folder} and resume_from_checkpoint:"
+        f" false{hint}"
+    )

@@ -1,6 +1,10 @@
 """Configuration of MiniMind (dense and MoE), with the original project's defaults."""
 
+import difflib
+import json
 import math
+from collections.abc import Iterable
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -137,3 +141,63 @@ class MiniMindConfig(PreTrainedConfig):
 
 
 __all__ = ["MiniMindConfig"]
+
+
+# Building a config from the sizes a recipe or command line gives, plus other fields by name ("k=v,...").
+# `rope_theta` is accepted besides the dataclass fields: transformers folds it into `rope_parameters`.
+EXTRA_CONFIG_FIELDS = frozenset({"rope_theta"})
+
+
+def unknown_config_fields(keys: Iterable[str]) -> list[str]:
+    """The keys, in their order, that name no `MiniMindConfig` field: the one check of override names."""
+    known = set(MiniMindConfig.__dataclass_fields__) | EXTRA_CONFIG_FIELDS
+    return [key for key in keys if key not in known]
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """Parse `"num_attention_heads=4,rms_norm_eps=1e-6"` into typed values (JSON literals, else strings)."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        try:
+            value = json.loads(raw.strip())
+        except json.JSONDecodeError:
+            value = raw.strip()
+        overrides[key.strip()] = value
+    return overrides
+
+
+def config_overrides_problem(text: str) -> str | None:
+    """Why `config_overrides` ("k=v,...") cannot apply, or None. Checked for every model source: a directory's
+    loader compares the overrides with its config and would pass over a misspelt field unseen."""
+    try:
+        overrides = parse_overrides(text)
+    except ValueError as err:
+        return str(err)
+    unknown = unknown_config_fields(overrides)
+    if unknown:
+        known = sorted(set(MiniMindConfig.__dataclass_fields__) | EXTRA_CONFIG_FIELDS)
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        return f"unknown MiniMindConfig field '{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return None
+
+
+def build_config(
+    hidden_size: int = 512,
+    num_hidden_layers: int = 8,
+    use_moe: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> MiniMindConfig:
+    """The config MiniMind builds from its three size arguments, plus any other field by name."""
+    overrides = dict(overrides or {})
+    unknown = sorted(unknown_config_fields(overrides))
+    if unknown:
+        raise ValueError(f"unknown MiniMindConfig field(s): {', '.join(unknown)}")
+    return MiniMindConfig(
+        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe), **overrides
+    )
+
+
+__all__ += ["build_config", "config_overrides_problem", "parse_overrides", "unknown_config_fields"]

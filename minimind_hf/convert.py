@@ -1,20 +1,24 @@
-"""Conversion between MiniMind's original `.pth` files, HF checkpoints and plain Llama checkpoints.
+"""Conversion between MiniMind's original `.pth` files, HF checkpoints, plain Llama checkpoints and LoRA adapters:
+the command line on top of `minimind_hf.formats` (the weight formats) and `minimind_hf.loading` (any source).
 
-Library: `load_pth`, `save_pth`, `to_llama`, `from_llama`, `build_config`. Command line (the input may be any
-model source `minimind_hf.loading` knows: HF directory, the original's HF export, a Llama export, a PEFT adapter,
-a `.pth` with its sizes):
+The input may be any model source `minimind_hf.loading` knows: HF directory, the original's HF export, a Llama
+export, a PEFT adapter, a `.pth` with its sizes:
 
     python -m minimind_hf.convert pth2hf out/full_sft_512.pth out/full_sft_512_hf --hidden_size 512 \
         --num_hidden_layers 8 --tokenizer data/tokenizer
     python -m minimind_hf.convert hf2pth out/full_sft_512_hf out/full_sft_512.pth
     python -m minimind_hf.convert hf2llama out/full_sft_512_hf out/llama     # carries the source's tokenizer
+    python -m minimind_hf.convert merge-lora out/lora out/lora_merged         # a PEFT adapter merged into its base
+    python -m minimind_hf.convert lorapth2peft lora_identity_512.pth out/lora --base out/sft
+    python -m minimind_hf.convert peft2lorapth out/lora lora_identity_512.pth
 
 A `.pth` carries no config, so its sizes come from the command line, as in MiniMind. Directories are written
 atomically (a staging folder moved into place), a `.pth` through a temporary file.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,226 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from peft import PeftModel
+from transformers import AutoTokenizer
 
-from .checkpointing import atomic_write, begin_final, commit_final
-from .configuration_minimind import MiniMindConfig
-from .lora import add_lora_commands, load_lora_pth, run_lora_command  # noqa: F401  (load_lora_pth: re-exported)
+from .checkpointing import begin_final, commit_final
+from .cli_options import add_size_arguments, sizes_from_args
+from .errors import MiniMindError
+from .formats.llama import llama_config, to_llama
+from .formats.lora_pth import load_lora_pth, save_lora_pth, set_base_model
+from .formats.pth import save_pth
+from .loading import adapter_base, load_model, source_kind, tokenizer_source
 from .modeling_minimind import MiniMindForCausalLM
-
-# DDP and torch.compile wrap the model and MiniMind saved whatever the wrapper's state_dict gave.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_TIED = ("lm_head.weight", "model.embed_tokens.weight")
-
-
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """Parse `"num_attention_heads=4,rms_norm_eps=1e-6"` into typed values (JSON literals, else strings)."""
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"config override {item!r} is not of the form key=value")
-        try:
-            value = json.loads(raw.strip())
-        except json.JSONDecodeError:
-            value = raw.strip()
-        overrides[key.strip()] = value
-    return overrides
-
-
-def build_config(
-    hidden_size: int = 512,
-    num_hidden_layers: int = 8,
-    use_moe: bool = False,
-    overrides: dict[str, Any] | None = None,
-) -> MiniMindConfig:
-    """The config MiniMind builds from its three size arguments, plus any other field by name."""
-    overrides = dict(overrides or {})
-    known = set(MiniMindConfig.__dataclass_fields__) | {"rope_theta"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown MiniMindConfig field(s): {', '.join(unknown)}")
-    return MiniMindConfig(
-        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe), **overrides
-    )
-
-
-def _strip_prefix(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
-
-
-def read_state_dict(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> dict[str, torch.Tensor]:
-    """The flat state dict of tensors in an original `.pth` (`what` names its kind in errors), with DDP and
-    compile prefixes stripped. Never unpickles code (`weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what} file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise error(f"{path}: not a readable {what} state dict ({err})") from err
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise error(f"{path}: expected a non-empty flat state dict of tensors")
-    return {_strip_prefix(k): v for k, v in raw.items()}
-
-
-def load_pth(
-    path: str | os.PathLike, config: MiniMindConfig, dtype: torch.dtype = torch.float32
-) -> MiniMindForCausalLM:
-    """Load an original MiniMind `.pth` (fp16 or fp32, optionally DDP/compile-prefixed) into an HF model.
-
-    Strict: a missing, unexpected or wrongly shaped tensor is an error naming it, since a size mismatch
-    between the file and `config` is the usual mistake. Loading never unpickles code (`weights_only=True`).
-    """
-    path = Path(path)
-    state = read_state_dict(path, "MiniMind .pth")
-
-    model = MiniMindForCausalLM(config)
-    expected = model.state_dict()
-    if config.tie_word_embeddings and _TIED[0] not in state:
-        state[_TIED[0]] = state.get(_TIED[1])
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: keys do not match a MiniMind model with hidden_size={config.hidden_size}, "
-            f"num_hidden_layers={config.num_hidden_layers}, use_moe={config.use_moe}; "
-            f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-            f"unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} but the config expects "
-                f"{tuple(expected[key].shape)}; check hidden_size / num_hidden_layers / use_moe / head counts"
-            )
-    if config.tie_word_embeddings and not torch.equal(state[_TIED[0]], state[_TIED[1]]):
-        raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight, but the config ties them")
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype)
-
-
-def save_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> Path:
-    """Save in MiniMind's format: flat fp16 state dict with both tied names, written atomically."""
-    state = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state[_TIED[0]] = state[_TIED[1]]
-    path = Path(path)
-    atomic_write(path, lambda handle: torch.save(state, handle))
-    return path
-
-
-def pth_name(weight: str, config: MiniMindConfig) -> str:
-    """MiniMind's file-name rule: `{weight}_{hidden_size}[_moe].pth`."""
-    return f"{weight}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
-
-
-def llama_config(config: MiniMindConfig) -> LlamaConfig:
-    """The `LlamaConfig` whose model computes exactly what a dense MiniMind computes."""
-    if config.use_moe:
-        raise ValueError(
-            "an MoE MiniMind has no Llama equivalent (Llama has no routed or shared experts); "
-            "export a dense model, or keep the MiniMind checkpoint (it loads with trust_remote_code=True)"
-        )
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters),
-        attention_dropout=config.dropout,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
-
-
-def to_llama(model: MiniMindForCausalLM, out_dir: str | os.PathLike) -> LlamaForCausalLM:
-    """Export a dense model as a `LlamaForCausalLM` checkpoint (for vLLM, llama.cpp, ...)."""
-    llama = LlamaForCausalLM(llama_config(model.config)).to(model.dtype)
-    llama.load_state_dict(model.state_dict(), strict=True)
-    llama.save_pretrained(out_dir)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(out_dir)
-    return llama
-
-
-def minimind_config_from_llama(llama: LlamaConfig, source: str = "the Llama checkpoint") -> MiniMindConfig:
-    """The dense `MiniMindConfig` that computes exactly what `llama` computes; a `ValueError` naming the field
-    when MiniMind cannot represent it (biases, another activation, rope scaling, another head size)."""
-    rope = dict(llama.rope_parameters or {})
-    refusals = {
-        "attention_bias": (bool(getattr(llama, "attention_bias", False)), "MiniMind's attention has no biases"),
-        "mlp_bias": (bool(getattr(llama, "mlp_bias", False)), "MiniMind's MLP has no biases"),
-        "hidden_act": (llama.hidden_act != "silu", f"MiniMind uses silu, not {llama.hidden_act!r}"),
-        "rope_parameters.rope_type": (
-            rope.get("rope_type", "default") != "default",
-            f"MiniMind trains with plain RoPE, not {rope.get('rope_type')!r} scaling",
-        ),
-        "head_dim": (
-            getattr(llama, "head_dim", None) not in (None, llama.hidden_size // llama.num_attention_heads),
-            "MiniMind's head size is hidden_size / num_attention_heads",
-        ),
-    }
-    for name, (refused, why) in refusals.items():
-        if refused:
-            raise ValueError(f"{source}: {name} cannot be represented by MiniMind ({why})")
-    return MiniMindConfig(
-        vocab_size=llama.vocab_size,
-        hidden_size=llama.hidden_size,
-        intermediate_size=llama.intermediate_size,
-        num_hidden_layers=llama.num_hidden_layers,
-        num_attention_heads=llama.num_attention_heads,
-        num_key_value_heads=llama.num_key_value_heads or llama.num_attention_heads,
-        max_position_embeddings=llama.max_position_embeddings,
-        rms_norm_eps=llama.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)},
-        dropout=float(getattr(llama, "attention_dropout", 0.0) or 0.0),
-        pad_token_id=llama.pad_token_id,
-        bos_token_id=llama.bos_token_id,
-        eos_token_id=llama.eos_token_id,
-        tie_word_embeddings=True,
-    )
-
-
-def from_llama(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MiniMindForCausalLM:
-    """A `LlamaForCausalLM` directory (MiniMind's own Llama export, or ours) as a dense MiniMind model.
-
-    MiniMind ties its LM head to the embedding: an untied head is accepted only when it equals the embedding.
-    """
-    llama = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = minimind_config_from_llama(llama.config, str(model_dir))
-    state = llama.state_dict()
-    if not torch.equal(state[_TIED[0]], state[_TIED[1]]):
-        raise ValueError(
-            f"{model_dir}: tie_word_embeddings is false and lm_head.weight differs from the embedding; MiniMind "
-            "ties them, so this head cannot be represented"
-        )
-    model = MiniMindForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    model.generation_config = llama.generation_config
-    return model.to(dtype)
+from .tokenizer import generation_config, load_tokenizer
 
 
 def _check_paths(args: argparse.Namespace, out: str, directory: bool) -> None:
     """Refuse a missing source, or an output path that clashes with what is there, before any model is loaded."""
-    from .loading import source_kind  # loading builds on this module's conversions
-
     source_kind(args.source)
     path = Path(out)
     if path.exists() and path.resolve() == Path(args.source).resolve():
@@ -258,8 +58,6 @@ def _check_paths(args: argparse.Namespace, out: str, directory: bool) -> None:
 
 def _tokenizer_for(args: argparse.Namespace, required: bool):
     """The tokenizer to carry into the output: `--tokenizer`, else the source's own (None if it has none)."""
-    from .loading import tokenizer_source
-
     if args.no_tokenizer:
         return None
     path = args.tokenizer or tokenizer_source(args.source)
@@ -278,8 +76,6 @@ def _tokenizer_for(args: argparse.Namespace, required: bool):
 
 
 def _load(args: argparse.Namespace) -> MiniMindForCausalLM:
-    from .loading import load_model, sizes_from_args
-
     return load_model(args.source, dtype=getattr(torch, args.dtype), **sizes_from_args(args))
 
 
@@ -328,8 +124,6 @@ def to_llama_command(args: argparse.Namespace) -> Path:
 def add_conversion_commands(sub: argparse._SubParsersAction) -> None:
     """`pth2hf`, `hf2pth`, `hf2llama`. Each takes any model source `minimind_hf.loading` knows: this project's HF
     directory, the original's HF export, a Llama export, a PEFT adapter directory, or a `.pth` with its sizes."""
-    from .loading import add_size_arguments
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("source", help="an HF, original-export or Llama directory, a PEFT adapter, or a .pth")
     add_size_arguments(common)
@@ -351,19 +145,94 @@ def add_conversion_commands(sub: argparse._SubParsersAction) -> None:
     to_llama_parser.set_defaults(run=to_llama_command)
 
 
+def _tokenizer_into(directory: Path, tokenizer_dir: str | os.PathLike | None) -> None:
+    if tokenizer_dir:
+        load_tokenizer(tokenizer_dir).save_pretrained(directory)
+
+
+def lora_pth_to_peft(
+    pth: str | os.PathLike,
+    base: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    **sizes: Any,
+) -> Path:
+    """An original adapter file as a PEFT adapter directory on `base` (any model source; `sizes` for a `.pth`)."""
+    model = load_lora_pth(load_model(base, **sizes), pth)
+    set_base_model(model, base)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    _tokenizer_into(out_dir, tokenizer or tokenizer_source(base))
+    return out_dir
+
+
+def peft_to_lora_pth(adapter_dir: str | os.PathLike, pth: str | os.PathLike, **sizes: Any) -> Path:
+    """A PEFT adapter directory as the original's adapter file (its base is loaded to place the adapter)."""
+    base = load_model(adapter_base(adapter_dir), **sizes)
+    return save_lora_pth(PeftModel.from_pretrained(base, str(adapter_dir)), pth)
+
+
+def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, **sizes: Any) -> Path:
+    """The base with the adapter merged in, written like a recipe's final model: weights (the LM head stays tied
+    to the embedding), tokenizer, a generation config that stops at `<|im_end|>`, through the same atomic save."""
+    model = load_model(adapter_dir, **sizes)
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise ValueError(f"{adapter_dir}: merging untied the LM head from the embedding")
+    source = tokenizer_source(adapter_dir)
+    tokenizer = load_tokenizer(source) if source else None
+    if tokenizer is not None:
+        model.generation_config = generation_config(tokenizer)
+    out_dir = Path(out_dir)
+    staging = begin_final(out_dir)
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    commit_final(out_dir)
+    return out_dir
+
+
+def add_lora_commands(sub) -> None:
+    """`merge-lora`, `lorapth2peft`, `peft2lorapth` for `python -m minimind_hf.convert`."""
+    merge = sub.add_parser("merge-lora", help="PEFT adapter directory -> its base with the adapter merged (HF dir)")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out_dir")
+    add_size_arguments(merge)
+    to_peft = sub.add_parser("lorapth2peft", help="original LoRA .pth (save_lora) -> PEFT adapter directory")
+    to_peft.add_argument("pth")
+    to_peft.add_argument("out_dir")
+    to_peft.add_argument("--base", required=True, help="the model the adapter was trained on (any model source)")
+    to_peft.add_argument("--tokenizer", help="tokenizer to copy into the adapter (default: the base's)")
+    add_size_arguments(to_peft)
+    to_pth = sub.add_parser("peft2lorapth", help="PEFT adapter directory -> original LoRA .pth (save_lora format)")
+    to_pth.add_argument("adapter_dir")
+    to_pth.add_argument("pth")
+    add_size_arguments(to_pth)
+
+
+def run_lora_command(args) -> str | None:
+    """Run a LoRA subcommand (None when `args.command` is another one); returns what was written."""
+    if args.command == "merge-lora":
+        return str(merge_lora(args.adapter_dir, args.out_dir, **sizes_from_args(args)))
+    if args.command == "lorapth2peft":
+        return str(lora_pth_to_peft(args.pth, args.base, args.out_dir, args.tokenizer, **sizes_from_args(args)))
+    if args.command == "peft2lorapth":
+        return str(peft_to_lora_pth(args.adapter_dir, args.pth, **sizes_from_args(args)))
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Each subcommand sets `run(args)`, which returns what it wrote; bad input is one `error:` line, exit 1."""
     parser = argparse.ArgumentParser(prog="python -m minimind_hf.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_conversion_commands(sub)
-    # LoRA adapters (minimind_hf/lora.py): merge-lora, lorapth2peft, peft2lorapth
+    # LoRA adapters: merge-lora, lorapth2peft, peft2lorapth
     add_lora_commands(sub)
     args = parser.parse_args(argv)
     try:
         written = run_lora_command(args)
         if written is None:
             written = args.run(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, MiniMindError) as err:
         parser.exit(1, f"error: {err}\n")
     print(f"wrote {written}")
 

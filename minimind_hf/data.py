@@ -55,6 +55,7 @@ from datasets.io.generator import GeneratorDatasetInputStream
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import has_generation_markers
 
+from .errors import DataError
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,15 +76,6 @@ Paths = PathLike | Sequence[PathLike]
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class DataError(ValueError):
-    """A data file or line that cannot be used; `problem` is a short kind such as `"not_json"`."""
-
-    def __init__(self, path: PathLike, line: int | None, problem: str, detail: str):
-        self.path, self.line, self.problem = str(path), line, problem
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {detail}")
 
 
 class _Invalid(Exception):

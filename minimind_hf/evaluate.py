@@ -28,9 +28,11 @@ import torch
 from tqdm import tqdm
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 
-from .chat import add_model_arguments, generate_replies, load_from_args
-from .data import IGNORE_INDEX, DataError, encode_conversation, scan
-from .guards import config_overrides_problem, device_problem, non_negative_int, positive_int
+from .chat import generate_replies
+from .cli_options import add_model_arguments, device_problem, load_from_args, non_negative_int, positive_int
+from .configuration_minimind import config_overrides_problem
+from .data import IGNORE_INDEX, encode_conversation, scan
+from .errors import DataError
 
 
 def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None) -> list[dict]:

@@ -6,19 +6,19 @@ is one of:
 - this project's HF directory (`model_type: minimind`, safetensors), or the original's own HF export
   (`model_type: minimind` with the original's field names, `pytorch_model.bin` in fp16, written by
   transformers 4.x): both load through `AutoModelForCausalLM`;
-- a Llama export (`model_type: llama`, how the dense MiniMind2 is published): converted by `convert.from_llama`,
+- a Llama export (`model_type: llama`, how the dense MiniMind2 is published): converted by `formats.llama.from_llama`,
   which refuses what MiniMind cannot represent, naming the field;
 - a PEFT adapter directory (`adapter_config.json`): its base model, loaded by these same rules, with the adapter
   merged in;
 - an original `.pth` file, with the sizes it was trained with (a `.pth` carries no config);
 - None: a fresh model of the given sizes.
 
-Conversions between formats live in `convert.py`; this module only chooses which one to use.
+The formats themselves live in `formats/` (`pth.py`, `llama.py`, `lora_pth.py`); this module only chooses which one
+to use. The command-line options that name a source are in `cli_options.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -29,18 +29,26 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .checkpointing import final_save_problem
-from .configuration_minimind import MiniMindConfig
-from .convert import build_config, from_llama, load_pth, parse_overrides
+from .configuration_minimind import MiniMindConfig, build_config, parse_overrides
+from .errors import ModelSourceError
+from .formats.llama import from_llama
+from .formats.pth import load_pth
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
+
+__all__ = [
+    "DTYPES",
+    "ModelSourceError",
+    "adapter_base",
+    "load_model",
+    "load_model_and_tokenizer",
+    "source_kind",
+    "tokenizer_source",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_SIZES = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": False}
-
-
-class ModelSourceError(ValueError):
-    """A model source that cannot be loaded; the message names it and what is wrong."""
 
 
 def source_kind(source: str | os.PathLike | None) -> str:
@@ -172,43 +180,3 @@ def load_model_and_tokenizer(
         return model.eval(), load_tokenizer(tokenizer)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"tokenizer {tokenizer}: cannot load it ({err})") from err
-
-
-def add_size_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The sizes a `.pth` was trained with (it carries no config); for a directory they must agree with it."""
-    parser.add_argument("--hidden_size", type=int, default=None, help=".pth only: 512 (26M), 768 (104M), 640 (MoE)")
-    parser.add_argument("--num_hidden_layers", type=int, default=None, help=".pth only (default 8)")
-    parser.add_argument("--use_moe", type=int, choices=(0, 1), default=None, help=".pth only")
-    parser.add_argument("--config_overrides", default="", help='.pth only: e.g. "num_attention_heads=4"')
-
-
-def sizes_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """`load_model`'s size keywords from `add_size_arguments`' options."""
-    return {
-        "hidden_size": args.hidden_size,
-        "num_hidden_layers": args.num_hidden_layers,
-        "use_moe": None if args.use_moe is None else bool(args.use_moe),
-        "config_overrides": args.config_overrides,
-    }
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command-line options that say where a model comes from (chat, evaluate, serve)."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="an HF or Llama directory, a PEFT adapter, or a MiniMind .pth")
-    group.add_argument("--tokenizer", help="tokenizer directory (default: the model's own; required for .pth)")
-    group.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 is fast on recent CPUs too")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_size_arguments(group)
-
-
-def load_from_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
-    """`load_model_and_tokenizer` from `add_model_arguments`' options; a bad source exits with one error line."""
-    try:
-        sizes = sizes_from_args(args)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype, **sizes)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(1, f"error: {err}\n")
-    return model.to(args.device), tokenizer

@@ -17,6 +17,7 @@ from pathlib import Path
 
 # A bare Figure renders with the Agg canvas and, unlike pyplot, sets no global backend in the importing process.
 from matplotlib.figure import Figure
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 STATE_FILE = "trainer_state.json"
 LOSS_KEYS = {"loss": "train loss", "lm_loss": "train lm_loss", "aux_loss": "train aux_loss", "eval_loss": "eval loss"}
@@ -32,10 +33,11 @@ def find_trainer_state(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such run directory or {STATE_FILE}")
     if (path / STATE_FILE).is_file():
         return path / STATE_FILE
-    states = [p for p in path.glob(f"checkpoint-*/{STATE_FILE}") if p.parent.name.removeprefix("checkpoint-").isdigit()]
-    if not states:
-        raise FileNotFoundError(f"{path}: no {STATE_FILE}, nor a checkpoint-*/ holding one")
-    return max(states, key=lambda p: int(p.parent.name.removeprefix("checkpoint-")))
+    # transformers' own listing of `checkpoint-N` directories, oldest step first: the newest one holding a state.
+    for checkpoint in map(Path, reversed(sort_checkpoints(str(path)))):
+        if checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit() and (checkpoint / STATE_FILE).is_file():
+            return checkpoint / STATE_FILE
+    raise FileNotFoundError(f"{path}: no {STATE_FILE}, nor a checkpoint-*/ holding one")
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:

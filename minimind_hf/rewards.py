@@ -27,11 +27,18 @@ Score a model's greedy replies to held-out prompts with any of them:
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from .chat import generate_replies
+from .cli_options import add_model_arguments, load_from_args
+from .evaluate import load_eval_rows
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
@@ -186,14 +193,6 @@ def resolve_reward_funcs(names: Sequence[str], training_args: Any = None) -> lis
 
 def main(argv: list[str] | None = None) -> dict:
     """Mean reward per task of a model's greedy replies to the prompts of an evaluation file."""
-    import argparse
-    import json
-    from collections import defaultdict
-
-    from .chat import generate_replies
-    from .evaluate import load_eval_rows
-    from .loading import add_model_arguments, load_from_args
-
     parser = argparse.ArgumentParser(prog="python -m minimind_hf.rewards", description=main.__doc__)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="evaluation rows (conversations, task, answer)")

@@ -58,7 +58,7 @@ from transformers import (
 )
 from transformers.generation import BaseStreamer  # the documented base of generate's streamers
 
-from .loading import add_model_arguments, load_from_args
+from .cli_options import add_model_arguments, load_from_args
 from .replies import ReplyStream, drop_partial_character, split_reply
 from .tokenizer import EOS_TOKEN
 

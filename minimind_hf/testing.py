@@ -7,8 +7,11 @@ Nothing here is used by training itself; it lives in the package (not in `tests/
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
 from .configuration_minimind import MiniMindConfig
-from .convert import llama_config, save_pth
+from .formats.llama import llama_config
+from .formats.pth import save_pth
 from .modeling_minimind import MiniMindForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +246,14 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits
+
+
+def load_script(path: str | os.PathLike) -> types.ModuleType:
+    """A script outside the package (`benchmarks/*.py`) imported as a module by its path, so that tests need not
+    put its folder on `sys.path`. Registered under its stem, as a dataclass in it needs its module there."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from trl.chat_template_utils import has_generation_markers
 
 PAD_TOKEN = "<|endoftext|>"
@@ -181,3 +181,16 @@ def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
         raise ValueError(f"{path}: the vocabulary has no {PAD_TOKEN} token")
     tokenizer.pad_token = PAD_TOKEN
     return tokenizer
+
+
+def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """How a trained model generates by default: until `<|im_end|>`, sampling as MiniMind's chat does."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.85,
+        top_p=0.85,
+        max_new_tokens=512,
+    )

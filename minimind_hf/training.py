@@ -1,17 +1,18 @@
 """The recipe core: one lifecycle for every training stage (pretrain, SFT, LoRA, DPO, GRPO, reasoning SFT).
 
     parse the recipe -> check everything -> seed -> load the model -> build the stage's trainer -> train
-    -> save the final model
+    -> save the final model -> end
 
 `run_recipe(stage, argv)` owns that lifecycle. A `Stage` supplies only what differs: its config dataclass (TRL's
 `SFTConfig`, `DPOConfig`, ...) plus the project's keys, how data files become datasets, and how its trainer is
-built. A recipe script (`recipes/sft.py`) is a `Stage` and one call. What every trainer gets (sealed
-checkpoints, the swanlab run id) is a `TrainerCallback`, so it works unchanged on any TRL trainer.
+built. Each stage lives in `minimind_hf/stages/<name>.py`; a recipe script (`recipes/sft.py`) only launches it.
+What every trainer gets (sealed checkpoints, the divergence guard, the swanlab run id) is a `TrainerCallback`
+(`callbacks.py`), so it works unchanged on any TRL trainer. The checks run before training are in `checks.py`
+(recipe values), `run_dir.py` (output directory and lock) and `checkpointing.py` (resume point).
 """
 
 import difflib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,45 +23,28 @@ import torch
 import yaml
 from accelerate import PartialState
 from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    GenerationConfig,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainerState,
-    TrainingArguments,
-    set_seed,
-)
-from trl import SFTConfig, SFTTrainer, TrlParser
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
+from trl import SFTConfig, TrlParser
 
-from . import guards
+from . import checks, run_dir
+from .callbacks import NonFiniteGuard, SealCheckpointCallback, raise_if_diverged, start_swanlab, write_swanlab_run_id
 from .checkpointing import (
-    CheckpointError,
-    SealCheckpointCallback,
     begin_final,
     check_checkpoint_fits,
-    check_resumable,
+    check_resume_point,
     commit_final,
     interrupted_save,
-    last_complete_checkpoint,
+    resolve_resume,
     save_failed,
     training_finished,
 )
-from .convert import pth_name, save_pth
-from .data import DataError
-from .guards import RecipeError
-from .loading import ModelSourceError, source_kind, tokenizer_source
-from .loading import load_model as load_any_model
+from .errors import MiniMindError, ModelSourceError, RecipeError
+from .formats.pth import pth_name, save_pth
+from .loading import load_model, source_kind, tokenizer_source
 from .modeling_minimind import MiniMindForCausalLM
-from .tokenizer import load_tokenizer
+from .tokenizer import generation_config, load_tokenizer
 
 logger = logging.getLogger("minimind_hf")
-
-SWANLAB_RUN_FILE = "swanlab_run_id.txt"
-# swanlab would otherwise copy the console into the run, i.e. every redraw of the Trainer's progress bar; the
-# metrics are what is logged.
-SWANLAB_SETTINGS: dict[str, Any] = {"terminal": {"proxy_type": "none"}}
 
 # Where the project's defaults differ from SFTConfig's: MiniMind's schedule (cosine to 10% of the peak, no
 # warm-up), no gradient checkpointing (it only slows a model this small), bf16 autocast on CPU as well.
@@ -174,7 +158,7 @@ def parse_recipe(
     the wrong type (`learning_rate: fast`) are rejected by argparse with the key's name.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    guards.check_command_line(argv)
+    checks.check_command_line(argv)
     known = _known_keys(dataclass_types)
     if "--config" in argv:
         config_path = Path(argv[argv.index("--config") + 1])
@@ -200,13 +184,13 @@ def parse_recipe(
         raise RecipeError(f"invalid recipe: {err}") from err
 
 
-def load_model(
+def load_recipe_model(
     args: MiniMindArguments, source: str | None = None, key: str = "model_name_or_path"
 ) -> MiniMindForCausalLM:
     """The model the recipe starts from (`source`, default `args.model_name_or_path`), in any form
     `minimind_hf.loading` knows (or a fresh one of the recipe's sizes); errors name the recipe `key`."""
     try:
-        return load_any_model(
+        return load_model(
             args.model_name_or_path if source is None else source,
             hidden_size=args.hidden_size,
             num_hidden_layers=args.num_hidden_layers,
@@ -220,224 +204,27 @@ def load_model(
         raise RecipeError(" ".join(str(err).split())) from err
 
 
-@dataclass
-class PackedRowsCollator(DataCollatorForLanguageModeling):
-    """Rows of packed samples with `position_ids` that restart at each sample, and no `attention_mask`.
-
-    Without an attention mask, `masking_utils` reads the restarts as sample boundaries and builds a block-diagonal
-    causal mask per row, so samples never attend to each other and no compute goes to padding. TRL's own
-    padding-free mode instead flattens the whole batch into one row, whose attention cost on a CPU (no varlen
-    kernels) is quadratic in the batch rather than in each row.
-    """
-
-    return_position_ids: bool = True
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        batch.pop("attention_mask", None)
-        # A sample's first token would be the target of the previous sample's last one: never a target.
-        batch["labels"][batch["position_ids"] == 0] = -100
-        return batch
-
-
-def tag_positions(targets: torch.Tensor, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Where `targets` (batch x positions, -100 where not supervised) hold a whole occurrence of one of the token
-    `sequences`, every token of it marked. Only targets are matched, so a tag in a prompt (or one cut by the
-    assistant mask) is never marked: MiniMind marks every position whose target id is a tag id, inside the mask or
-    not, but its tags are several ordinary tokens ('<', 'th', 'ink', '>') with its own tokenizer, so its rule also
-    weights each such token anywhere in the text, and the loss of prompt tokens is not SFT's to learn."""
-    marked = torch.zeros_like(targets, dtype=torch.bool)
-    for sequence in sequences:
-        n = len(sequence)
-        if n == 0 or targets.size(-1) < n:
-            continue
-        pattern = torch.tensor(list(sequence), device=targets.device, dtype=targets.dtype)
-        hits = (targets.unfold(-1, n, 1) == pattern).all(-1)
-        for k in range(n):
-            marked[..., k : k + hits.size(-1)] |= hits
-    return marked
-
-
-class MiniMindTrainer(SFTTrainer):
-    """`SFTTrainer` whose loss is the model's own: the causal-LM loss plus, for MoE, MiniMind's balance loss.
-
-    TRL's fused LM head would drop the MoE loss (it knows only Mixtral's), and its entropy and accuracy metrics
-    cost a pass over the vocabulary on every step. The language-model and balance losses are logged apart.
-
-    Reasoning SFT (`tag_loss_weight`, `tag_sequences`: the token ids of each tag) weights every supervised target
-    that belongs to a tag, and divides the weighted sum by the unweighted count of supervised targets, as
-    MiniMind's `train_distill_reason.py` does. Evaluation losses stay unweighted, comparable across recipes.
-    """
-
-    tag_loss_weight: float = 1.0
-    tag_sequences: Sequence[Sequence[int]] = ()
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
-        inputs = {**inputs, "use_cache": False}
-        labels = inputs.pop("labels")
-        unwrapped = self.accelerator.unwrap_model(model)
-        if return_outputs:
-            outputs = model(**inputs)
-            loss_labels = {"labels": labels}
-        else:
-            # Only the loss is wanted: project onto the vocabulary only at positions whose next token is supervised
-            # (`logits_to_keep` takes a boolean mask), which skips the LM head, its fp32 logits and their softmax
-            # for every prompt, header and padding position. Measured in benchmarks/README.md.
-            shift_labels = labels[:, 1:]
-            supervised = shift_labels != -100
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = supervised
-            outputs = model(**inputs, logits_to_keep=keep)
-            loss_labels = {"labels": None, "shift_labels": shift_labels[supervised]}
-        if not return_outputs and self.tag_loss_weight != 1.0 and self.tag_sequences:
-            targets = shift_labels[supervised]
-            per_token = torch.nn.functional.cross_entropy(
-                outputs.logits.reshape(targets.numel(), -1).float(), targets, reduction="none"
-            )
-            weights = 1.0 + (self.tag_loss_weight - 1.0) * tag_positions(shift_labels, self.tag_sequences)[supervised]
-            count = supervised.sum() if num_items_in_batch is None else num_items_in_batch
-            lm_loss = (per_token * weights).sum() / count
-        else:
-            lm_loss = unwrapped.loss_function(
-                logits=outputs.logits,
-                vocab_size=unwrapped.config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                **loss_labels,
-            )
-        loss = lm_loss
-        # As in `Trainer.compute_loss`: with a global token count, DDP's gradient averaging must be undone.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        if getattr(outputs, "aux_loss", None) is not None:
-            # The balance loss is a per-micro-batch mean: average it over the accumulated micro-batches.
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + outputs.aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(outputs.aux_loss.detach()).mean().item())
-            per_batch_lm = lm_loss.detach()
-            if num_items_in_batch is not None:
-                per_batch_lm = per_batch_lm * num_items_in_batch / (labels[:, 1:] != -100).sum().clamp(min=1)
-            self._metrics[mode]["lm_loss"].append(self.accelerator.gather(per_batch_lm).mean().item())
-        return (loss, outputs) if return_outputs else loss
-
-
-def write_swanlab_run_id(checkpoint: Path) -> None:
-    """Keep the swanlab run id inside a checkpoint, so that a resumed run continues the same swanlab run."""
-    try:
-        import swanlab
-
-        run = swanlab.get_run()
-    except Exception:
-        run = None
-    if run is not None and checkpoint.is_dir():
-        (checkpoint / SWANLAB_RUN_FILE).write_text(run.id)
-
-
-def resolve_resume(training_args: SFTConfig) -> str | None:
-    """`resume_from_checkpoint`: a path, or true/"true" for the newest complete checkpoint in output_dir (None if
-    none). Incomplete or damaged newer checkpoints are skipped with a warning; a given path must be intact."""
-    value = training_args.resume_from_checkpoint
-    if value in (None, False, "", "false", "False"):
-        return None
-    try:
-        if str(value).lower() == "true":
-            last = last_complete_checkpoint(training_args.output_dir)
-            if last is None:
-                logger.warning("resume_from_checkpoint: no checkpoint in %s, starting fresh", training_args.output_dir)
-            return last
-        check_resumable(value)
-    except CheckpointError as err:
-        raise RecipeError(f"resume_from_checkpoint: {err}") from err
-    return str(value)
-
-
-def start_swanlab(args: MiniMindArguments, training_args: SFTConfig, resume_from: str | None) -> list[TrainerCallback]:
-    """swanlab logging, continuing the run saved with the checkpoint we resume from.
-
-    transformers' built-in `report_to: swanlab` calls `swanlab.get_run()`, which raises in swanlab >= 0.9 when
-    no run is active; swanlab's own transformers callback is used instead, on a run started here (on the main
-    process) so that it can carry the resumed run id. `SWANLAB_MODE=local|offline|disabled` works as usual.
-    """
-    if "swanlab" not in training_args.report_to:
-        return []
-    training_args.report_to = [name for name in training_args.report_to if name != "swanlab"]
-    import swanlab
-    from swanlab.integration.transformers import SwanLabCallback
-
-    if training_args.process_index == 0:
-        run_file = Path(resume_from or "", SWANLAB_RUN_FILE)
-        run_id = run_file.read_text().strip() if resume_from and run_file.is_file() else None
-        swanlab.init(
-            project=os.environ.get("SWANLAB_PROJECT", args.swanlab_project),
-            experiment_name=training_args.run_name,
-            logdir=os.environ.get("SWANLAB_LOG_DIR", str(Path(training_args.output_dir) / "swanlog")),
-            id=run_id,
-            resume="allow" if run_id else None,
-            settings=swanlab.Settings(**SWANLAB_SETTINGS),
-        )
-    return [SwanLabCallback()]
-
-
-def build_sft_trainer(
-    model: MiniMindForCausalLM,
-    tokenizer: PreTrainedTokenizerBase,
-    training_args: SFTConfig,
-    train_dataset,
-    eval_dataset=None,
-    callbacks: Sequence[TrainerCallback] = (),
-    args: MiniMindArguments | None = None,
-) -> MiniMindTrainer:
-    """TRL's `SFTTrainer` with MiniMind's loss and packed rows (pretraining and SFT)."""
-    trainer = MiniMindTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
-    # SFTTrainer refuses a custom collator next to its bfd packing, whose dataset preparation we do want; the
-    # collator only decides how packed samples become a batch, so it is swapped in afterwards.
-    trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
-    if args is not None and args.tag_loss_weight != 1.0:
-        trainer.tag_loss_weight = args.tag_loss_weight
-        trainer.tag_sequences = [tokenizer.encode(tag, add_special_tokens=False) for tag in args.tag_tokens]
-    return trainer
-
-
 @dataclass(frozen=True)
 class Stage:
-    """What one training stage adds to the shared lifecycle of `run_recipe`.
+    """What one training stage adds to the shared lifecycle of `run_recipe` (one per `minimind_hf/stages/*.py`).
 
     `config_class` is the TRL config (`SFTConfig`, `DPOConfig`, ...), `arguments_class` the project's keys
     (`MiniMindArguments` or a subclass with the stage's own), `defaults` what the stage changes in both.
-    `load_datasets(args, training_args, tokenizer)` returns (train, eval or None), validated; `build_trainer` has
-    `build_sft_trainer`'s signature. `finished_model(model, checkpoint, args)` turns a checkpoint written at the
-    last step into the model to publish (default: that checkpoint loaded as a model; LoRA puts its adapter on
-    `model`), `write_pth(model, path)` writes the original's `.pth` for `save_pth`.
+    `load_datasets(args, training_args, tokenizer)` returns (train, eval or None), validated; `build_trainer(model,
+    tokenizer, training_args, train_dataset, eval_dataset, callbacks, args)` returns the stage's trainer
+    (`stages.sft.build_sft_trainer` for the SFT family). `finished_model(model, checkpoint, args)` turns a
+    checkpoint written at the last step into the model to publish (default: that checkpoint loaded as a model;
+    LoRA puts its adapter on `model`), `write_pth(model, path)` writes the original's `.pth` for `save_pth`.
     """
 
     name: str
     load_datasets: Callable[[Any, Any, PreTrainedTokenizerBase], tuple]
+    build_trainer: Callable[..., Trainer]
     config_class: type[TrainingArguments] = SFTConfig
     arguments_class: type = MiniMindArguments
-    build_trainer: Callable[..., Trainer] = build_sft_trainer
     defaults: dict[str, Any] = field(default_factory=dict)
     finished_model: Callable[[Any, str, Any], Any] | None = None
     write_pth: Callable[[Any, Path], Path] = save_pth
-
-
-def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """How a trained model generates by default: until `<|im_end|>`, sampling as MiniMind's chat does."""
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        temperature=0.85,
-        top_p=0.85,
-        max_new_tokens=512,
-    )
 
 
 def save_final(
@@ -491,10 +278,10 @@ def run_recipe(
     the trainer; `before_train(trainer)` sees it just before training (tests and the fault-injection harness).
     """
     args, training_args = parse_recipe((stage.arguments_class, stage.config_class), argv, stage.defaults)
-    guards.check_recipe(args, training_args)
+    checks.check_recipe(args, training_args)
     resume_from = resolve_resume(training_args)
-    guards.check_resume_point(resume_from)
-    guards.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
+    check_resume_point(resume_from)
+    run_dir.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
     try:
         # Cheap, and before the data is tokenized: a mistyped model path must not wait for that.
         source_kind(args.model_name_or_path)
@@ -504,13 +291,13 @@ def run_recipe(
         tokenizer = load_tokenizer(tokenizer_path(args))
     except (OSError, ValueError) as err:
         raise RecipeError(f"tokenizer {tokenizer_path(args)}: cannot load it ({err})") from err
-    guards.check_tokenizer_change(args, tokenizer, resume_from)
+    checks.check_tokenizer_change(args, tokenizer, resume_from)
     train_dataset, eval_dataset = stage.load_datasets(args, training_args, tokenizer)
     # The original seeds before it builds the model (`setup_seed(42 + rank)`): a fresh model's weights are part
     # of what the seed decides. The Trainer seeds again in its constructor, which changes nothing here.
     set_seed(training_args.seed)
-    model = load_model(args)
-    guards.check_model_fits(model, tokenizer, getattr(training_args, "max_length", None))
+    model = load_recipe_model(args)
+    checks.check_model_fits(model, tokenizer, getattr(training_args, "max_length", None))
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config)
     finished = resume_from is not None and training_finished(resume_from, training_args)
@@ -519,15 +306,15 @@ def run_recipe(
         if stage.finished_model is not None:
             model = stage.finished_model(model, resume_from, args)
         else:
-            model = load_any_model(resume_from, attn_implementation=args.attn_implementation)
-    guards.check_output_dir_writable(training_args.output_dir)
-    with guards.run_lock(training_args.output_dir):
+            model = load_model(resume_from, attn_implementation=args.attn_implementation)
+    run_dir.check_output_dir_writable(training_args.output_dir)
+    with run_dir.run_lock(training_args.output_dir):
         if resume_from is None and args.overwrite_output_dir:
-            guards.clear_previous_run(training_args.output_dir)
+            run_dir.clear_previous_run(training_args.output_dir)
         loggers = start_swanlab(args, training_args, resume_from)
 
         # Before the seal callback, so that a save it cancels never reaches the seal.
-        guard = guards.NonFiniteGuard(args.on_nonfinite)
+        guard = NonFiniteGuard(args.on_nonfinite)
         # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
         sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
         training_args.save_total_limit = None
@@ -546,12 +333,14 @@ def run_recipe(
                 if folder is None or not trainer.is_world_process_zero():
                     raise
                 raise save_failed(training_args.output_dir, folder, err) from err
-        guards.raise_if_diverged(trainer)
+        raise_if_diverged(trainer)
         save_final(trainer, args, tokenizer, stage.write_pth)
         if loggers and trainer.is_world_process_zero():
             import swanlab
 
             swanlab.finish()
+    # As TRL's own scripts end: finish the trackers and leave the process group (a no-op in one process).
+    trainer.end()
     return trainer
 
 
@@ -559,5 +348,5 @@ def run_cli(main: Callable[[], Any]) -> None:
     """Run a recipe from the command line: bad input prints one `error: ...` line and exits 1, no traceback."""
     try:
         main()
-    except (RecipeError, DataError, CheckpointError) as err:
+    except MiniMindError as err:
         sys.exit(f"error: {err}")

@@ -8,7 +8,7 @@ documented commands work together. After each stage, `python -m minimind_hf.eval
 this process) scores the stage's model twice by exact match, per task:
 "fit" on a seeded sample of the SFT data it learnt from, "held-out" on data/eval.jsonl (question wordings and
 number items that no training file contains). To add a stage, write `recipes/<name>.py` and
-`recipes/demo/<name>.yaml` and append a `Stage` naming the stage whose model it starts from (`source`).
+`recipes/demo/<name>.yaml` and append a `DemoStage` naming the stage whose model it starts from (`source`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MAX_NEW_TOKENS = "16"  # enough for every bare answer
 
 
 @dataclass
-class Stage:
+class DemoStage:
     """One training run of the demo: `recipes/<name>.py --config recipes/demo/<name>.yaml`, starting from the model
     of the stage `source` (if any) and writing its own to `{out}/<name>`, which is then scored."""
 
@@ -58,16 +58,20 @@ class Stage:
 
 
 STAGES = [
-    Stage("pretrain", "pretrain a small MiniMind on data/pretrain.jsonl"),
-    Stage("sft", "SFT from the pretrained model on data/sft.jsonl", "pretrain", extra=("data/identity_eval.jsonl",)),
-    Stage("dpo", "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)", "sft"),
-    Stage(
+    DemoStage("pretrain", "pretrain a small MiniMind on data/pretrain.jsonl"),
+    DemoStage(
+        "sft", "SFT from the pretrained model on data/sft.jsonl", "pretrain", extra=("data/identity_eval.jsonl",)
+    ),
+    DemoStage(
+        "dpo", "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)", "sft"
+    ),
+    DemoStage(
         "lora",
         "LoRA on the SFT model: its name and maker (data/lora_identity.jsonl); the SFT model stays as it was",
         "sft",
         extra=("data/identity_eval.jsonl",),
     ),
-    Stage("grpo", "GRPO from the SFT model on data/grpo.jsonl, rewarded by exact match", "sft"),
+    DemoStage("grpo", "GRPO from the SFT model on data/grpo.jsonl, rewarded by exact match", "sft"),
 ]
 CHAT_MODEL = "sft"  # the stage whose model answers the demo's chat prompts
 
@@ -90,7 +94,7 @@ def call(title: str, main: Callable[[list[str]], object], module: str, *args: st
     return time.time() - start
 
 
-def score(stage: Stage, out: Path) -> tuple[dict, float]:
+def score(stage: DemoStage, out: Path) -> tuple[dict, float]:
     """The stage's model scored on the fit sample and on the held-out set: ({"fit": ..., "held_out": ...}, s)."""
     results, seconds = {}, 0.0
     extra = [(Path(path).stem, ["--data", path]) for path in stage.extra]

@@ -1,96 +1,13 @@
 """LoRA fine-tuning of MiniMind with PEFT on the SFT path (MiniMind's `train_lora.py`, the HF way).
 
     python recipes/lora.py --config recipes/lora.yaml
-    torchrun --nproc_per_node 2 recipes/lora.py --config recipes/lora.yaml --lora_r 16
+    torchrun --nproc_per_node 2 recipes/lora.py --config recipes/lora.yaml
 
-The SFT recipe's data, masks and packing, with only the adapter trained. The defaults are the original's adapter
-(see minimind_hf/lora.py). `output_dir` becomes a PEFT adapter directory (adapter_config.json naming the base,
-adapter_model.safetensors, the tokenizer) that `chat`, `evaluate` and the recipes' `model_name_or_path` load
-merged; `python -m minimind_hf.convert merge-lora OUT MERGED` writes the merged model.
+The stage (its keys, data and trainer) is minimind_hf/stages/lora.py; the lifecycle is minimind_hf/training.py.
 """
 
-import dataclasses
-from dataclasses import dataclass, field
-
-from peft import PeftModel, get_peft_model
-from sft import SFT
-
-from minimind_hf.lora import init_lora_like_minimind, lora_config, save_lora_pth, set_base_model
-from minimind_hf.training import MiniMindArguments, RecipeError, build_sft_trainer, run_cli, run_recipe
-
-
-@dataclass
-class LoraArguments(MiniMindArguments):
-    """The SFT keys plus the adapter's, named as in TRL's `ModelConfig`."""
-
-    lora_r: int = field(default=8, metadata={"help": "adapter rank (the original's rank=8)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "scaling alpha/r; default r: B·A·x unscaled"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (the original: none)"})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "module names, or all-linear; default: every square nn.Linear (the original's rule)"},
-    )
-    lora_init_std: float | None = field(
-        default=0.02, metadata={"help": "A ~ N(0, std), B = 0 as the original; null: PEFT's init (Kaiming A)"}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.model_name_or_path is None:
-            raise RecipeError("model_name_or_path: LoRA adapts an existing model; name the one to adapt")
-        if self.lora_r < 1:
-            raise RecipeError(f"lora_r must be at least 1, not {self.lora_r}")
-        if isinstance(self.lora_target_modules, list) and self.lora_target_modules == ["all-linear"]:
-            self.lora_target_modules = "all-linear"
-
-
-def build_lora_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, callbacks=(), args=None):
-    """The SFT trainer on the model wrapped with the adapter.
-
-    The model is wrapped here rather than by handing `peft_config` to `SFTTrainer`: the adapter must get the
-    original's init before the Trainer sees it, and a run restored at its last step (`finished_model`) already
-    arrives as a `PeftModel`; both then take the one SFT path.
-    """
-    if not isinstance(model, PeftModel):
-        try:
-            config = lora_config(
-                model, args.lora_r, args.lora_alpha, args.lora_dropout, target_modules=args.lora_target_modules
-            )
-            model = get_peft_model(model, config)
-        except ValueError as err:
-            raise RecipeError(f"lora_target_modules: {err}") from err
-        if args.lora_init_std is not None:
-            init_lora_like_minimind(model, args.lora_init_std, seed=training_args.seed)
-    set_base_model(model, args.model_name_or_path)
-    return build_sft_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, callbacks, args)
-
-
-def finished_model(model, checkpoint: str, args: LoraArguments) -> PeftModel:
-    """A run killed during its final save: the checkpoint's adapter on the base model, trainable as in training."""
-    return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
-
-
-LORA = dataclasses.replace(
-    SFT,
-    name="lora",
-    arguments_class=LoraArguments,
-    build_trainer=build_lora_trainer,
-    finished_model=finished_model,
-    write_pth=save_lora_pth,
-    defaults={
-        **SFT.defaults,
-        "learning_rate": 1e-4,
-        "num_train_epochs": 50,
-        "pth_weight_name": "lora_identity",
-        "swanlab_project": "MiniMind-LoRA-SFT",
-    },
-)
-
-
-def main(argv: list[str] | None = None, **hooks):
-    """`hooks`: `callbacks` and `before_train`, as `run_recipe` takes them."""
-    return run_recipe(LORA, argv, **hooks)
-
+from minimind_hf.stages.lora import main
+from minimind_hf.training import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

@@ -3,47 +3,11 @@
     python recipes/pretrain.py --config recipes/pretrain.yaml
     torchrun --nproc_per_node 2 recipes/pretrain.py --config recipes/pretrain.yaml
 
-Each `{"text": ...}` line becomes `<|im_start|>` + text + `<|im_end|>`, cut to `max_length`, and every token
-is a target. Samples are packed into rows of `max_length` (no compute on padding) and never attend to, or
-predict, each other. The output directory is what the SFT recipe's `model_name_or_path` points at.
+The stage (its keys, data and trainer) is minimind_hf/stages/pretrain.py; the lifecycle is minimind_hf/training.py.
 """
 
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
-from trl import SFTConfig
-
-from minimind_hf.data import load_pretrain_tokenized
-from minimind_hf.training import MiniMindArguments, Stage, run_cli, run_recipe
-
-
-def load_datasets(
-    args: MiniMindArguments, training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[Dataset, Dataset | None]:
-    """Texts tokenized once by `dataset_num_proc` processes, every token a target; `SFTTrainer` only packs them."""
-
-    def load(paths):
-        return load_pretrain_tokenized(
-            paths,
-            tokenizer,
-            training_args.max_length,
-            skip_invalid=args.skip_invalid,
-            num_proc=training_args.dataset_num_proc,
-        )
-
-    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
-
-
-PRETRAIN = Stage(
-    name="pretrain",
-    load_datasets=load_datasets,
-    defaults={"assistant_only_loss": False, "pth_weight_name": "pretrain", "swanlab_project": "MiniMind-Pretrain"},
-)
-
-
-def main(argv: list[str] | None = None, **hooks):
-    """`hooks`: `callbacks` and `before_train`, as `run_recipe` takes them."""
-    return run_recipe(PRETRAIN, argv, **hooks)
-
+from minimind_hf.stages.pretrain import main
+from minimind_hf.training import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

@@ -53,10 +53,8 @@ from datasets.arrow_writer import ArrowWriter
 from transformers import Trainer, TrainerCallback, TrainerState
 
 from minimind_hf import checkpointing, training
-from minimind_hf.testing import REPO_ROOT, final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import sft
+from minimind_hf.stages import sft
+from minimind_hf.testing import final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
 
 MAX_STEPS, SAVE_STEPS, SAVE_TOTAL_LIMIT = 10, 3, 2
 RECIPE = {

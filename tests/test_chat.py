@@ -9,7 +9,7 @@ import torch
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf import chat as chat_module
 from minimind_hf.chat import build_messages, generate_replies, generate_reply, load_model_and_tokenizer, main
-from minimind_hf.convert import save_pth
+from minimind_hf.formats.pth import save_pth
 from minimind_hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

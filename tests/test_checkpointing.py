@@ -4,7 +4,6 @@ unpickles, and that all of it runs on the Trainer's public hooks."""
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,15 +16,15 @@ from minimind_hf.checkpointing import (
     FINAL_MANIFEST,
     MANIFEST,
     checkpoint_problem,
+    resolve_resume,
     rotate_complete_checkpoints,
     seal_checkpoint,
 )
+from minimind_hf.errors import RecipeError
 from minimind_hf.loading import ModelSourceError, load_model
-from minimind_hf.testing import REPO_ROOT, StepCounter, final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
-from minimind_hf.training import MiniMindTrainer, RecipeError, resolve_resume
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import sft  # noqa: E402
+from minimind_hf.stages import sft
+from minimind_hf.stages.sft import MiniMindTrainer
+from minimind_hf.testing import StepCounter, final_weights, max_abs_diff, write_sft_data, write_tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

@@ -7,7 +7,6 @@ Each case runs the real command in-process through its `main(argv)` (the recipes
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,13 @@ import torch
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM, chat, evaluate, plot
 from minimind_hf import data as data_cli
+from minimind_hf.stages import pretrain, sft
+from minimind_hf.testing import write_tiny_recipe
 from minimind_hf.tokenizer import load_tokenizer
 from minimind_hf.training import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "tokenizer"
-sys.path.insert(0, str(REPO / "recipes"))
-import pretrain  # noqa: E402
-import sft  # noqa: E402
-
-from minimind_hf.testing import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

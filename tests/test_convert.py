@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Lla
 from trl.chat_template_utils import has_generation_markers
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
-from minimind_hf.convert import build_config, load_pth, main, parse_overrides, save_pth, to_llama
+from minimind_hf.configuration_minimind import build_config, parse_overrides
+from minimind_hf.convert import main
+from minimind_hf.formats.llama import to_llama
+from minimind_hf.formats.pth import load_pth, save_pth
 from minimind_hf.loading import load_model
 from minimind_hf.testing import (
     REPO_ROOT,

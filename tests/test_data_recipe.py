@@ -3,22 +3,18 @@ and the trainer packs exactly the conversations tokenized once by `load_sft_toke
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
 import minimind_hf.data as data_module
 from minimind_hf.data import DataError, encode_conversation, load_pretrain_tokenized
+from minimind_hf.stages import pretrain, sft
+from minimind_hf.testing import write_tiny_recipe
 from minimind_hf.tokenizer import load_tokenizer
 from minimind_hf.training import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-import pretrain  # noqa: E402
-import sft  # noqa: E402
-
-from minimind_hf.testing import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

@@ -13,7 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 from minimind_hf.data import IGNORE_INDEX, DataError, encode_conversation
-from minimind_hf.dpo import assistant_token_mask, load_dpo_dataset
+from minimind_hf.errors import RecipeError
+from minimind_hf.stages import dpo
+from minimind_hf.stages.dpo import assistant_token_mask, load_dpo_dataset
 from minimind_hf.testing import (
     REPO_ROOT,
     TINY_RECIPE,
@@ -28,10 +30,6 @@ from minimind_hf.testing import (
     write_tiny_recipe,
 )
 from minimind_hf.tokenizer import BOS_TOKEN, load_tokenizer
-from minimind_hf.training import RecipeError
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import dpo  # noqa: E402
 
 
 def preference_pairs(n: int = 24) -> list[dict]:
@@ -185,8 +183,7 @@ DDP_SCRIPT = """
 import shutil, sys
 from pathlib import Path
 from accelerate import PartialState
-sys.path.insert(0, {recipes!r})
-import dpo, lora
+from minimind_hf.stages import dpo, lora
 
 for recipe, names in [(lora, ["adapter_model.safetensors", "adapter_config.json"]), (dpo, ["model.safetensors"])]:
     for run in "ab":

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Kills real training runs many times over: minutes. `make test-all` runs it.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "scripts" / "fault_injection.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}

@@ -12,15 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from minimind_hf.convert import save_pth
 from minimind_hf.data import DataError
-from minimind_hf.grpo import load_grpo_dataset
+from minimind_hf.errors import RecipeError
+from minimind_hf.formats.pth import save_pth
+from minimind_hf.stages import grpo
+from minimind_hf.stages.grpo import load_grpo_dataset
 from minimind_hf.testing import REPO_ROOT, TINY_RECIPE, TOKENIZER_DIR, StepCounter, tiny_model, write_jsonl
 from minimind_hf.tokenizer import load_tokenizer
-from minimind_hf.training import RecipeError, parse_recipe
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import grpo  # noqa: E402
+from minimind_hf.training import parse_recipe
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

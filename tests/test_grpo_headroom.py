@@ -1,19 +1,17 @@
 """benchmarks/grpo_headroom.py: pass@k is scored per prompt against that prompt's own answer."""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf.evaluate import load_eval_rows, predict
+from minimind_hf.testing import load_script
 from minimind_hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import grpo_headroom  # noqa: E402
+grpo_headroom = load_script(REPO / "benchmarks" / "grpo_headroom.py")
 
 
 def test_near_greedy_sampling_scores_what_greedy_scores(tmp_path):

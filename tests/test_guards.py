@@ -16,23 +16,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from minimind_hf.callbacks import SKIPPED_STEP_KEY
 from minimind_hf.checkpointing import FINAL_MANIFEST, MANIFEST, check_resumable, is_sealed, list_checkpoints
-from minimind_hf.guards import (
-    LOCK_FILE,
-    SKIPPED_STEP_KEY,
-    RecipeError,
-    RunLock,
-    TrainingDiverged,
-    check_model_fits,
-)
+from minimind_hf.checks import check_model_fits
+from minimind_hf.errors import RecipeError, TrainingDiverged
+from minimind_hf.run_dir import LOCK_FILE, RunLock
+from minimind_hf.stages import sft
+from minimind_hf.testing import write_tiny_recipe
 from minimind_hf.tokenizer import load_tokenizer
 from minimind_hf.training import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-import sft  # noqa: E402
-
-from minimind_hf.testing import write_tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
@@ -298,7 +292,7 @@ def test_run_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_non_finite_checks_agree_with_torch():
-    from minimind_hf.guards import all_finite
+    from minimind_hf.callbacks import all_finite
 
     assert all_finite([torch.ones(3), torch.zeros(2)])
     assert not all_finite([torch.ones(3), torch.tensor([1.0, math.inf])])
@@ -316,8 +310,7 @@ def test_checkpoints_written_before_a_divergence_stay_sealed(work):
 
 DDP_NAN_PROBE = """
 import os, sys
-sys.path.insert(0, {recipes!r})
-import sft
+from minimind_hf.stages import sft
 from transformers import TrainerCallback
 from minimind_hf.training import run_cli
 

@@ -18,13 +18,12 @@ import torch
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
 from minimind_hf import chat as chat_module
 from minimind_hf.checkpointing import MANIFEST
-from minimind_hf.convert import save_pth
+from minimind_hf.formats.pth import save_pth
+from minimind_hf.stages import sft
 from minimind_hf.testing import write_tiny_recipe
 from minimind_hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-import sft  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

@@ -3,15 +3,15 @@ HF export, its Llama export and a `.pth` with its sizes. Recipes, `chat` and `ev
 Llama directory that MiniMind cannot represent is refused with a message naming the field."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from minimind_hf import chat, evaluate
+from minimind_hf.errors import RecipeError
 from minimind_hf.loading import load_model
+from minimind_hf.stages import sft
 from minimind_hf.testing import (
-    REPO_ROOT,
     TOKENIZER_DIR,
     final_weights,
     logits,
@@ -22,10 +22,6 @@ from minimind_hf.testing import (
     write_sft_data,
     write_tiny_recipe,
 )
-from minimind_hf.training import RecipeError
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import sft  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

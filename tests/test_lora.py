@@ -12,22 +12,15 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from minimind_hf.convert import build_config, load_lora_pth, load_pth
+from minimind_hf.configuration_minimind import build_config
 from minimind_hf.convert import main as convert_main
+from minimind_hf.errors import RecipeError
+from minimind_hf.formats.lora_pth import LoraFileError, load_lora_pth, lora_pth_state
+from minimind_hf.formats.pth import load_pth
 from minimind_hf.loading import load_model, load_model_and_tokenizer
-from minimind_hf.lora import (
-    LoraFileError,
-    init_lora_like_minimind,
-    lora_config,
-    lora_pth_state,
-    square_linear_modules,
-)
+from minimind_hf.stages import lora, sft
+from minimind_hf.stages.lora import init_lora_like_minimind, lora_config, square_linear_modules
 from minimind_hf.testing import REPO_ROOT, max_abs_diff, save_hf_dir, tiny_model, write_sft_data, write_tiny_recipe
-from minimind_hf.training import RecipeError
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import lora  # noqa: E402
-import sft  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 12, 100, 7, 3]])
 

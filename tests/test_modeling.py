@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM
-from minimind_hf.convert import load_pth
+from minimind_hf.formats.pth import load_pth
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 
@@ -92,7 +92,7 @@ def test_loss_is_masked_mean_and_honours_num_items_in_batch():
 def test_dense_equals_llama_with_same_weights():
     from transformers import LlamaForCausalLM
 
-    from minimind_hf.convert import llama_config
+    from minimind_hf.formats.llama import llama_config
 
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY, rope_theta=5e5)).eval()

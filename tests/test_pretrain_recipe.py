@@ -1,16 +1,12 @@
 """The pretraining recipe, and the whole path: pretrain, SFT from its output, chat with the result."""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from minimind_hf.stages import pretrain, sft
 from minimind_hf.testing import REPO_ROOT, record_batches, write_pretrain_texts, write_tiny_recipe
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import pretrain  # noqa: E402
-import sft  # noqa: E402
 
 TINY = {
     "config_overrides": "num_attention_heads=4,num_key_value_heads=2,vocab_size=2048",

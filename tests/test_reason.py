@@ -1,18 +1,15 @@
 """Reasoning SFT: MiniMind's tag-weighted loss (`tag_loss_weight`) against a hand computation, and the recipes."""
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
 from minimind_hf.data import IGNORE_INDEX, encode_conversation
+from minimind_hf.stages import sft
+from minimind_hf.stages.sft import tag_positions
 from minimind_hf.testing import REPO_ROOT, write_jsonl, write_tiny_recipe
-from minimind_hf.training import MiniMindArguments, parse_recipe, tag_positions
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import sft  # noqa: E402
+from minimind_hf.training import MiniMindArguments, parse_recipe
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

@@ -26,6 +26,9 @@ from minimind_hf.loading import load_model_and_tokenizer
 from minimind_hf.serve import build_app, main
 from minimind_hf.tokenizer import EOS_TOKEN, load_tokenizer
 
+# Starts servers (a subprocess for `transformers serve`): `make test-all` runs it.
+pytestmark = pytest.mark.slow
+
 openai = pytest.importorskip("openai")
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)

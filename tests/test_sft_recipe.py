@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from minimind_hf.checkpointing import MANIFEST, checkpoint_problem
-from minimind_hf.guards import check_output_dir_writable
+from minimind_hf.errors import RecipeError
+from minimind_hf.run_dir import check_output_dir_writable
+from minimind_hf.stages import sft
 from minimind_hf.testing import (
     REPO_ROOT,
     StepCounter,
@@ -24,10 +26,7 @@ from minimind_hf.testing import (
     write_sft_data,
     write_tiny_recipe,
 )
-from minimind_hf.training import RecipeError, parse_recipe
-
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-import sft  # noqa: E402
+from minimind_hf.training import parse_recipe
 
 
 def write_recipe(tmp_path: Path, name: str = "recipe.yaml", **overrides) -> Path:
@@ -141,8 +140,7 @@ def test_bad_recipes_fail_fast_naming_the_problem(tmp_path):
 
 DDP_PROBE = """
 import json, os, sys
-sys.path.insert(0, {recipes!r})
-import sft
+from minimind_hf.stages import sft
 seen, find_unused = [], []
 def before_train(trainer):
     compute_loss = trainer.compute_loss

@@ -13,15 +13,15 @@ from datasets import Dataset
 from torch import nn
 from trl import SFTConfig
 
-from minimind_hf.convert import build_config
+from minimind_hf.configuration_minimind import build_config
 from minimind_hf.data import encode_conversation
 from minimind_hf.modeling_minimind import MiniMindForCausalLM
+from minimind_hf.stages.sft import build_sft_trainer
+from minimind_hf.testing import load_script
 from minimind_hf.tokenizer import load_tokenizer
-from minimind_hf.training import build_sft_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import throughput  # noqa: E402
+throughput = load_script(REPO / "benchmarks" / "throughput.py")
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 

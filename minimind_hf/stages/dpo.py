@@ -1,4 +1,11 @@
-"""DPO for MiniMind on TRL's `DPOTrainer`, with the original's loss (MiniMind's `trainer/train_dpo.py`).
+"""DPO of MiniMind with TRL's DPOTrainer and the original's loss (MiniMind's `train_dpo.py`, the HF way).
+
+    python recipes/dpo.py --config recipes/dpo.yaml
+    torchrun --nproc_per_node 2 recipes/dpo.py --config recipes/dpo.yaml --beta 0.2
+
+Every key belongs to `DPOArguments` (below: the project's keys plus `ref_model_name_or_path`) or to
+TRL's `DPOConfig`. The default `loss_type: sigmoid_norm` is the original's loss (mean log-probs over every
+assistant turn); `loss_type: sigmoid` is TRL's standard DPO on summed log-probs. All input is checked first.
 
 The original's loss is `-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` where each log-prob is the MEAN over
 that sequence's supervised tokens, and the supervised tokens follow the SFT rule: every assistant turn's content,
@@ -33,7 +40,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from .data import (
+from ..data import (
     IGNORE_INDEX,
     InvalidRecord,
     Paths,
@@ -42,9 +49,10 @@ from .data import (
     load_records,
     register_format,
 )
-from .loading import ModelSourceError, source_kind
-from .tokenizer import BOS_TOKEN, EOS_TOKEN
-from .training import MiniMindArguments, RecipeError, load_model
+from ..errors import ModelSourceError, RecipeError
+from ..loading import source_kind
+from ..tokenizer import BOS_TOKEN, EOS_TOKEN
+from ..training import MiniMindArguments, Stage, load_recipe_model, run_cli, run_recipe
 
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES})
@@ -182,7 +190,7 @@ def load_reference(args: DPOArguments, model: torch.nn.Module) -> torch.nn.Modul
     if args.ref_model_name_or_path is None:
         reference = copy.deepcopy(model)
     else:
-        reference = load_model(args, args.ref_model_name_or_path, key="ref_model_name_or_path")
+        reference = load_recipe_model(args, args.ref_model_name_or_path, key="ref_model_name_or_path")
         if reference.config.vocab_size != model.config.vocab_size:
             raise RecipeError(
                 f"ref_model_name_or_path {args.ref_model_name_or_path} has vocab_size={reference.config.vocab_size}, "
@@ -217,3 +225,45 @@ def build_dpo_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+
+
+def load_datasets(
+    args: DPOArguments, training_args: DPOConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, Dataset | None]:
+    """Preference pairs as TRL's conversational `chosen` / `rejected`; TRL finds the shared prompt and tokenizes."""
+
+    def load(paths):
+        return load_dpo_dataset(
+            paths, skip_invalid=args.skip_invalid, tokenizer=tokenizer, max_length=training_args.max_length
+        )
+
+    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+
+
+DPO = Stage(
+    name="dpo",
+    load_datasets=load_datasets,
+    config_class=DPOConfig,
+    arguments_class=DPOArguments,
+    build_trainer=build_dpo_trainer,
+    defaults={
+        "data_path": ["data/dpo.jsonl"],
+        "loss_type": ["sigmoid_norm"],
+        "beta": 0.1,
+        "learning_rate": 4e-8,
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 1,
+        "max_length": 1024,
+        "pth_weight_name": "dpo",
+        "swanlab_project": "MiniMind-DPO",
+    },
+)
+
+
+def main(argv: list[str] | None = None, **hooks):
+    """`hooks`: `callbacks` and `before_train`, as `run_recipe` takes them."""
+    return run_recipe(DPO, argv, **hooks)
+
+
+if __name__ == "__main__":
+    run_cli(main)
