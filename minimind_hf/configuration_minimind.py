@@ -1,6 +1,7 @@
 """Configuration of MiniMind (dense and MoE), with the original project's defaults."""
 
 import math
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -77,6 +78,17 @@ class MiniMindConfig(PreTrainedConfig):
                 "beta_slow": 1.0,
             }
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+        """The original's MiniMind-3 config also says `model_type: "minimind"`: recognised by its fields, it
+        becomes a `MiniMind3Config` (and so loads as `MiniMind3ForCausalLM`), its remote-code `auto_map` dropped."""
+        from .configuration_minimind3 import MiniMind3Config, minimind_generation
+
+        if cls is MiniMindConfig and minimind_generation(config_dict) == 3:
+            drop = ("model_type", "auto_map")
+            return MiniMind3Config.from_dict({k: v for k, v in config_dict.items() if k not in drop}, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def head_dim(self) -> int:
