@@ -8,6 +8,9 @@ a `.pth` with its sizes):
         --num_hidden_layers 8 --tokenizer data/tokenizer
     python -m minimind_hf.convert hf2pth out/full_sft_512_hf out/full_sft_512.pth
     python -m minimind_hf.convert hf2llama out/full_sft_512_hf out/llama     # carries the source's tokenizer
+    python -m minimind_hf.convert hf2qwen3 out/minimind3_hf out/qwen3      # MiniMind-3: Qwen3 / Qwen3-MoE
+
+A MiniMind-3 `.pth` (QK-norm keys) needs no sizes: they are read from its tensor shapes.
 
 A `.pth` carries no config, so its sizes come from the command line, as in MiniMind. Directories are written
 atomically (a staging folder moved into place), a `.pth` through a temporary file.
@@ -27,6 +30,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .checkpointing import atomic_write, begin_final, commit_final
 from .configuration_minimind import MiniMindConfig
+from .configuration_minimind3 import MiniMind3Config
+from .formats.minimind3_pth import minimind3_pth_state
+from .formats.qwen3 import to_qwen3
 from .lora import add_lora_commands, load_lora_pth, run_lora_command  # noqa: F401  (load_lora_pth: re-exported)
 from .modeling_minimind import MiniMindForCausalLM
 
@@ -313,7 +319,21 @@ def to_hf_command(args: argparse.Namespace) -> Path:
 
 def to_pth_command(args: argparse.Namespace) -> Path:
     _check_paths(args, args.pth, directory=False)
-    return save_pth(_load(args), args.pth)
+    model = _load(args)
+    if isinstance(model.config, MiniMind3Config):
+        state = minimind3_pth_state(model)  # refuses a weight beyond fp16 before anything is written
+        atomic_write(Path(args.pth), lambda handle: torch.save(state, handle))
+        return Path(args.pth)
+    return save_pth(model, args.pth)
+
+
+def to_qwen3_command(args: argparse.Namespace) -> Path:
+    _check_paths(args, args.out_dir, directory=True)
+    tokenizer = _tokenizer_for(args, required=False)
+    model = _load(args)
+    if not isinstance(model.config, MiniMind3Config):
+        raise ValueError(f"{args.source}: a MiniMind2 model has no Qwen3 equivalent (no QK-norm); use hf2llama")
+    return _write_model_dir(Path(args.out_dir), lambda staging: to_qwen3(model, staging), tokenizer)
 
 
 def to_llama_command(args: argparse.Namespace) -> Path:
@@ -349,6 +369,13 @@ def add_conversion_commands(sub: argparse._SubParsersAction) -> None:
     )
     to_llama_parser.add_argument("out_dir")
     to_llama_parser.set_defaults(run=to_llama_command)
+    to_qwen3_parser = sub.add_parser(
+        "hf2qwen3",
+        parents=[common, tokenizer],
+        help="a MiniMind-3 model -> Qwen3ForCausalLM / Qwen3MoeForCausalLM directory with its tokenizer",
+    )
+    to_qwen3_parser.add_argument("out_dir")
+    to_qwen3_parser.set_defaults(run=to_qwen3_command)
 
 
 def main(argv: list[str] | None = None) -> None:
