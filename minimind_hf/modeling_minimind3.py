@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -31,6 +32,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_minimind3 import MiniMind3Config
+
+# The original's checkpoints (its HF export, like its .pth) keep one `{gate,up,down}_proj` per expert. transformers'
+# Qwen2/3-MoE conversion fuses them on load and splits them again on save, so an MoE directory written here has the
+# original's layout too; fused checkpoints load unchanged. Registered here so that remote code gets it as well.
+register_checkpoint_conversion_mapping(
+    MiniMind3Config.model_type, get_checkpoint_conversion_mapping("qwen2_moe"), overwrite=True
+)
 
 
 def minimind3_aux_loss(router_logits: tuple[torch.Tensor, ...], config: MiniMind3Config) -> torch.Tensor:
