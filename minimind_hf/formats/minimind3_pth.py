@@ -3,8 +3,10 @@
 The file carries no config, but every size is in the tensor shapes: `hidden_size` and `vocab_size` from the
 embedding, `head_dim` from `q_norm`, the head counts from the q/k projections over `head_dim`, the layer count from
 the layer indices, the (MoE) intermediate sizes and expert count from the MLP, and tying from whether `lm_head`
-equals the embedding (the original writes both names even when tied). Options given by the user still win; a
-tensor that then disagrees is named. Experts are stored one by one (`mlp.experts.{e}.{gate,up,down}_proj.weight`)
+equals the embedding (the original writes both names even when tied). What no shape shows (`num_experts_per_tok`,
+`norm_topk_prob`, `router_aux_loss_coef`, `rms_norm_eps`, `rope_theta`, YaRN) takes MiniMind-3's defaults, as the
+original's own command lines do; options given by the user win over both, and a tensor that then disagrees is
+named. Experts are stored one by one (`mlp.experts.{e}.{gate,up,down}_proj.weight`)
 and fused here into transformers' `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `down_proj` [E, H, I].
 """
 

@@ -4,9 +4,9 @@
 `convert_torch2transformers`). Their state dicts have exactly MiniMind-3's keys (transformers 5 fuses the experts
 the same way), so only the configs are translated. What the original's export leaves out:
 
-- `router_aux_loss_coef`: absent from its config.json (only non-default fields are written), so Qwen3-MoE's default
-  0.001 would appear. A Qwen3-MoE config that does not write the field is read with MiniMind-3's 5e-4, the value
-  those models were trained with; one that writes it (ours does) keeps its value.
+- `router_aux_loss_coef`: never set by it, so its config.json has Qwen3-MoE's default 0.001 (transformers 5 writes
+  it) or nothing (transformers 4 writes only non-defaults). Either is read as MiniMind-3's 5e-4, the value those
+  models were trained with; any other value (ours writes MiniMind-3's own) is kept.
 - YaRN and bos/eos/pad ids: carried when present, MiniMind-3's ids (1/2/0) otherwise.
 """
 
@@ -24,6 +24,7 @@ from ..configuration_minimind3 import MiniMind3Config
 from ..modeling_minimind3 import MiniMind3ForCausalLM
 
 QWEN3_MODEL_TYPES = ("qwen3", "qwen3_moe")
+QWEN3_MOE_DEFAULT_AUX_COEF = Qwen3MoeConfig.router_aux_loss_coef
 
 
 def qwen3_config(config: MiniMind3Config) -> Qwen3Config | Qwen3MoeConfig:
@@ -126,7 +127,8 @@ def minimind3_config_from_qwen3(
             moe_intermediate_size=qwen.moe_intermediate_size,
             norm_topk_prob=qwen.norm_topk_prob,
         )
-        if "router_aux_loss_coef" in raw:  # absent: the original's export, which drops MiniMind-3's 5e-4
+        # Qwen3-MoE's default (or no value) is what the original's export leaves: it dropped MiniMind-3's 5e-4.
+        if raw.get("router_aux_loss_coef", QWEN3_MOE_DEFAULT_AUX_COEF) != QWEN3_MOE_DEFAULT_AUX_COEF:
             fields["router_aux_loss_coef"] = qwen.router_aux_loss_coef
     return MiniMind3Config(**fields)
 
