@@ -10,6 +10,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .configuration_minimind3 import MiniMind3Config, minimind_generation
+
 
 @strict
 class MiniMindConfig(PreTrainedConfig):
@@ -81,6 +83,15 @@ class MiniMindConfig(PreTrainedConfig):
                 "beta_slow": 1.0,
             }
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+        """The original's MiniMind-3 config also says `model_type: "minimind"`: recognised by its fields, it
+        becomes a `MiniMind3Config` (and so loads as `MiniMind3ForCausalLM`), its remote-code `auto_map` dropped."""
+        if cls is MiniMindConfig and minimind_generation(config_dict) == 3:
+            drop = ("model_type", "auto_map")
+            return MiniMind3Config.from_dict({k: v for k, v in config_dict.items() if k not in drop}, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,9 @@ export, a PEFT adapter, a `.pth` with its sizes:
     python -m minimind_hf.convert merge-lora out/lora out/lora_merged         # a PEFT adapter merged into its base
     python -m minimind_hf.convert lorapth2peft lora_identity_512.pth out/lora --base out/sft
     python -m minimind_hf.convert peft2lorapth out/lora lora_identity_512.pth
+    python -m minimind_hf.convert hf2qwen3 out/minimind3_hf out/qwen3      # MiniMind-3: Qwen3 / Qwen3-MoE
+
+A MiniMind-3 `.pth` (QK-norm keys) needs no sizes: they are read from its tensor shapes.
 
 A `.pth` carries no config, so its sizes come from the command line, as in MiniMind. Directories are written
 atomically (a staging folder moved into place), a `.pth` through a temporary file.
@@ -30,12 +33,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from .checkpointing import begin_final, commit_final
+from .checkpointing import atomic_write, begin_final, commit_final
 from .cli_options import add_size_arguments, sizes_from_args
+from .configuration_minimind3 import MiniMind3Config
 from .errors import MiniMindError
 from .formats.llama import llama_config, to_llama
 from .formats.lora_pth import load_lora_pth, save_lora_pth, set_base_model
+from .formats.minimind3_pth import minimind3_pth_state
 from .formats.pth import save_pth
+from .formats.qwen3 import to_qwen3
 from .loading import adapter_base, load_model, source_kind, tokenizer_source
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import generation_config, load_tokenizer
@@ -109,7 +115,21 @@ def to_hf_command(args: argparse.Namespace) -> Path:
 
 def to_pth_command(args: argparse.Namespace) -> Path:
     _check_paths(args, args.pth, directory=False)
-    return save_pth(_load(args), args.pth)
+    model = _load(args)
+    if isinstance(model.config, MiniMind3Config):
+        state = minimind3_pth_state(model)  # refuses a weight beyond fp16 before anything is written
+        atomic_write(Path(args.pth), lambda handle: torch.save(state, handle))
+        return Path(args.pth)
+    return save_pth(model, args.pth)
+
+
+def to_qwen3_command(args: argparse.Namespace) -> Path:
+    _check_paths(args, args.out_dir, directory=True)
+    tokenizer = _tokenizer_for(args, required=False)
+    model = _load(args)
+    if not isinstance(model.config, MiniMind3Config):
+        raise ValueError(f"{args.source}: a MiniMind2 model has no Qwen3 equivalent (no QK-norm); use hf2llama")
+    return _write_model_dir(Path(args.out_dir), lambda staging: to_qwen3(model, staging), tokenizer)
 
 
 def to_llama_command(args: argparse.Namespace) -> Path:
@@ -143,6 +163,13 @@ def add_conversion_commands(sub: argparse._SubParsersAction) -> None:
     )
     to_llama_parser.add_argument("out_dir")
     to_llama_parser.set_defaults(run=to_llama_command)
+    to_qwen3_parser = sub.add_parser(
+        "hf2qwen3",
+        parents=[common, tokenizer],
+        help="a MiniMind-3 model -> Qwen3ForCausalLM / Qwen3MoeForCausalLM directory with its tokenizer",
+    )
+    to_qwen3_parser.add_argument("out_dir")
+    to_qwen3_parser.set_defaults(run=to_qwen3_command)
 
 
 def _tokenizer_into(directory: Path, tokenizer_dir: str | os.PathLike | None) -> None:

@@ -8,6 +8,10 @@ is one of:
   transformers 4.x): both load through `AutoModelForCausalLM`;
 - a Llama export (`model_type: llama`, how the dense MiniMind2 is published): converted by `formats.llama.from_llama`,
   which refuses what MiniMind cannot represent, naming the field;
+- MiniMind-3 in any of its forms: this project's (`model_type: minimind3`), the original's HF export
+  (`model_type: minimind` with MiniMind-3's fields, read by `MiniMindConfig.from_dict` as a `MiniMind3Config`,
+  never as remote code), a Qwen3 / Qwen3-MoE export (`formats.qwen3`), or its `.pth` (QK-norm keys; sized from
+  its tensor shapes, `formats.minimind3_pth`);
 - a PEFT adapter directory (`adapter_config.json`): its base model, loaded by these same rules, with the adapter
   merged in;
 - an original `.pth` file, with the sizes it was trained with (a `.pth` carries no config);
@@ -30,9 +34,12 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .checkpointing import final_save_problem
 from .configuration_minimind import MiniMindConfig, build_config, parse_overrides
+from .configuration_minimind3 import MiniMind3Config
 from .errors import ModelSourceError
 from .formats.llama import from_llama
-from .formats.pth import load_pth
+from .formats.minimind3_pth import is_minimind3_state, load_minimind3_pth
+from .formats.pth import load_pth, read_state_dict
+from .formats.qwen3 import QWEN3_MODEL_TYPES, from_qwen3
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
 
@@ -52,7 +59,8 @@ DEFAULT_SIZES = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": False}
 
 
 def source_kind(source: str | os.PathLike | None) -> str:
-    """ "fresh", "pth", "adapter", "llama" or "minimind" (an HF directory of this model type), by inspection."""
+    """ "fresh", "pth", "adapter", "llama", "qwen3" or "minimind" (an HF directory of either MiniMind generation),
+    by inspection."""
     if source is None:
         return "fresh"
     path = Path(source)
@@ -71,8 +79,12 @@ def source_kind(source: str | os.PathLike | None) -> str:
         raise ModelSourceError(f"{config_file}: not a readable JSON config ({err})") from err
     if model_type == "llama":
         return "llama"
-    if model_type != MiniMindConfig.model_type:
-        raise ModelSourceError(f"{source}: model_type {model_type!r} is neither 'minimind' nor 'llama'")
+    if model_type in QWEN3_MODEL_TYPES:  # how MiniMind-3 is published
+        return "qwen3"
+    if model_type not in (MiniMindConfig.model_type, MiniMind3Config.model_type):
+        raise ModelSourceError(
+            f"{source}: model_type {model_type!r} is none of 'minimind', 'minimind3', 'llama', 'qwen3', 'qwen3_moe'"
+        )
     return "minimind"
 
 
@@ -128,7 +140,10 @@ def load_model(
             _check_sizes(base.config, source, {**sizes, **overrides})
             # PEFT froze the base's weights and merging does not thaw them: a recipe would train nothing.
             return PeftModel.from_pretrained(base, source).merge_and_unload().requires_grad_(True).to(dtype)
-        if kind in ("fresh", "pth"):
+        if kind == "pth" and is_minimind3_state(state := read_state_dict(source, "MiniMind .pth", ModelSourceError)):
+            # MiniMind-3's .pth (QK-norm keys): sizes from its tensor shapes, the options only where given.
+            model = load_minimind3_pth(source, state, {**sizes, **overrides}, dtype=dtype)
+        elif kind in ("fresh", "pth"):
             config = build_config(
                 **{k: DEFAULT_SIZES[k] if v is None else v for k, v in sizes.items()}, overrides=overrides
             )
@@ -139,6 +154,8 @@ def load_model(
                 raise ModelSourceError(f"{source}: {problem}")
             if kind == "llama":
                 model = from_llama(source, dtype=dtype)
+            elif kind == "qwen3":
+                model = from_qwen3(source, dtype=dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             _check_sizes(model.config, source, {**sizes, **overrides})
