@@ -204,7 +204,12 @@ def check_recipe(args: Any, training_args: TrainingArguments) -> None:
     _check_ranges(args, training_args, resuming)
     _check_optimizer(training_args)
     _check_report_to(training_args)
-    if problem := config_overrides_problem(args.config_overrides):
+    version = getattr(args, "minimind_version", None)
+    if version not in (None, 2, 3):
+        _fail("minimind_version", f"must be 2 (MiniMind2) or 3 (MiniMind-3), got {version!r}")
+    # A fresh model's generation is known now; a saved model's only once loaded (either generation's fields then).
+    fresh = getattr(args, "model_name_or_path", None) is None
+    if problem := config_overrides_problem(args.config_overrides, version or (2 if fresh else None)):
         _fail("config_overrides", problem)
     check_attn_implementation(args.attn_implementation)
 

@@ -159,9 +159,15 @@ __all__ = ["MiniMindConfig"]
 EXTRA_CONFIG_FIELDS = frozenset({"rope_theta"})
 
 
-def unknown_config_fields(keys: Iterable[str]) -> list[str]:
-    """The keys, in their order, that name no `MiniMindConfig` field: the one check of override names."""
-    known = set(MiniMindConfig.__dataclass_fields__) | EXTRA_CONFIG_FIELDS
+def _known_fields(minimind_version: int | None) -> set[str]:
+    """Config fields of one generation, or of either when the generation is not known yet (a `.pth`, say)."""
+    classes = {2: [MiniMindConfig], 3: [MiniMind3Config]}.get(minimind_version, [MiniMindConfig, MiniMind3Config])
+    return {name for cls in classes for name in cls.__dataclass_fields__} | EXTRA_CONFIG_FIELDS
+
+
+def unknown_config_fields(keys: Iterable[str], minimind_version: int | None = 2) -> list[str]:
+    """The keys, in their order, that name no config field of the generation: the one check of override names."""
+    known = _known_fields(minimind_version)
     return [key for key in keys if key not in known]
 
 
@@ -180,35 +186,47 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return overrides
 
 
-def config_overrides_problem(text: str) -> str | None:
+def config_overrides_problem(text: str, minimind_version: int | None = None) -> str | None:
     """Why `config_overrides` ("k=v,...") cannot apply, or None. Checked for every model source: a directory's
     loader compares the overrides with its config and would pass over a misspelt field unseen."""
     try:
         overrides = parse_overrides(text)
     except ValueError as err:
         return str(err)
-    unknown = unknown_config_fields(overrides)
+    unknown = unknown_config_fields(overrides, minimind_version)
     if unknown:
-        known = sorted(set(MiniMindConfig.__dataclass_fields__) | EXTRA_CONFIG_FIELDS)
-        close = difflib.get_close_matches(unknown[0], known, n=1)
+        close = difflib.get_close_matches(unknown[0], sorted(_known_fields(minimind_version)), n=1)
         return f"unknown MiniMindConfig field '{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
     return None
 
 
+# The original's sizes for a fresh model of each generation when a recipe gives none (MiniMind2: 512 x 8).
+DEFAULT_SIZES = {2: {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": False}, 3: {}}
+
+
 def build_config(
-    hidden_size: int = 512,
-    num_hidden_layers: int = 8,
-    use_moe: bool = False,
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    use_moe: bool | None = None,
     overrides: dict[str, Any] | None = None,
-) -> MiniMindConfig:
-    """The config MiniMind builds from its three size arguments, plus any other field by name."""
+    minimind_version: int = 2,
+) -> MiniMindConfig | MiniMind3Config:
+    """The config MiniMind builds from its three size arguments, plus any other field by name, of either
+    generation (2: MiniMind2, the seed's; 3: MiniMind-3, the original's current one, with its own defaults)."""
+    if minimind_version not in (2, 3):
+        raise ValueError(f"minimind_version must be 2 or 3, got {minimind_version!r}")
     overrides = dict(overrides or {})
-    unknown = sorted(unknown_config_fields(overrides))
+    unknown = sorted(unknown_config_fields(overrides, minimind_version))
     if unknown:
-        raise ValueError(f"unknown MiniMindConfig field(s): {', '.join(unknown)}")
-    return MiniMindConfig(
-        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe), **overrides
-    )
+        raise ValueError(
+            f"unknown MiniMind{'-3' if minimind_version == 3 else ''}Config field(s): {', '.join(unknown)}"
+        )
+    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers, "use_moe": use_moe}
+    sizes = {**DEFAULT_SIZES[minimind_version], **{k: v for k, v in sizes.items() if v is not None}}
+    if "use_moe" in sizes:
+        sizes["use_moe"] = bool(sizes["use_moe"])
+    config_class = MiniMind3Config if minimind_version == 3 else MiniMindConfig
+    return config_class(**sizes, **overrides)
 
 
 __all__ += ["build_config", "config_overrides_problem", "parse_overrides", "unknown_config_fields"]

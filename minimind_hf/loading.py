@@ -41,6 +41,7 @@ from .formats.minimind3_pth import is_minimind3_state, load_minimind3_pth
 from .formats.pth import load_pth, read_state_dict
 from .formats.qwen3 import QWEN3_MODEL_TYPES, from_qwen3
 from .modeling_minimind import MiniMindForCausalLM
+from .modeling_minimind3 import MiniMind3ForCausalLM
 from .tokenizer import load_tokenizer
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_SIZES = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": False}
 
 
 def source_kind(source: str | os.PathLike | None) -> str:
@@ -119,11 +119,13 @@ def load_model(
     config_overrides: str | dict[str, Any] = "",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
-) -> MiniMindForCausalLM:
-    """A `MiniMindForCausalLM` from any source (see the module doc).
+    minimind_version: int | None = None,
+) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
+    """A `MiniMindForCausalLM` or `MiniMind3ForCausalLM` from any source (see the module doc).
 
     The sizes and `config_overrides` build a fresh model or read a `.pth`; for a directory they must agree with
-    its config (a mismatch is an error, not a silent reshape).
+    its config (a mismatch is an error, not a silent reshape). `minimind_version` picks the generation of a fresh
+    model (default 2); for a saved one the source decides, and a different `minimind_version` is an error.
     """
     overrides = parse_overrides(config_overrides) if isinstance(config_overrides, str) else dict(config_overrides)
     sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers, "use_moe": use_moe}
@@ -135,7 +137,11 @@ def load_model(
 
             # The sizes reach the base too: an adapter trained on an original .pth needs them to load it.
             base = load_model(
-                adapter_base(source), **sizes, config_overrides=overrides, attn_implementation=attn_implementation
+                adapter_base(source),
+                **sizes,
+                config_overrides=overrides,
+                attn_implementation=attn_implementation,
+                minimind_version=minimind_version,
             )
             _check_sizes(base.config, source, {**sizes, **overrides})
             # PEFT froze the base's weights and merging does not thaw them: a recipe would train nothing.
@@ -143,11 +149,12 @@ def load_model(
         if kind == "pth" and is_minimind3_state(state := read_state_dict(source, "MiniMind .pth", ModelSourceError)):
             # MiniMind-3's .pth (QK-norm keys): sizes from its tensor shapes, the options only where given.
             model = load_minimind3_pth(source, state, {**sizes, **overrides}, dtype=dtype)
-        elif kind in ("fresh", "pth"):
-            config = build_config(
-                **{k: DEFAULT_SIZES[k] if v is None else v for k, v in sizes.items()}, overrides=overrides
-            )
-            model = MiniMindForCausalLM(config).to(dtype) if kind == "fresh" else load_pth(source, config, dtype=dtype)
+        elif kind == "fresh":
+            config = build_config(**sizes, overrides=overrides, minimind_version=minimind_version or 2)
+            model_class = MiniMind3ForCausalLM if isinstance(config, MiniMind3Config) else MiniMindForCausalLM
+            model = model_class(config).to(dtype)
+        elif kind == "pth":
+            model = load_pth(source, build_config(**sizes, overrides=overrides), dtype=dtype)
         else:
             problem = final_save_problem(source)
             if problem:
@@ -159,6 +166,10 @@ def load_model(
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             _check_sizes(model.config, source, {**sizes, **overrides})
+        generation = 3 if isinstance(model.config, MiniMind3Config) else 2
+        if minimind_version is not None and generation != minimind_version:
+            name = "MiniMind-3" if generation == 3 else "MiniMind2"
+            raise ModelSourceError(f"{source} is a {name} model, not minimind_version {minimind_version}")
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         return model

@@ -85,6 +85,13 @@ class MiniMindArguments:
         default=None,
         metadata={"help": "an HF directory, an original MiniMind .pth file, or null for a fresh model"},
     )
+    minimind_version: int | None = field(
+        default=None,
+        metadata={
+            "help": "the generation of a fresh model: 2 (MiniMind2, the default) or 3 (MiniMind-3); a saved model "
+            "is the generation it is, and a different value here is an error"
+        },
+    )
     hidden_size: int | None = field(default=None, metadata={"help": "512 (26M), 768 (104M), 640 (MoE)"})
     num_hidden_layers: int | None = field(default=None, metadata={"help": "8 by default"})
     use_moe: bool | None = field(default=None, metadata={"help": "DeepSeek-style MoE feed-forward"})
@@ -197,6 +204,7 @@ def load_recipe_model(
             use_moe=args.use_moe,
             config_overrides=args.config_overrides,
             attn_implementation=args.attn_implementation,
+            minimind_version=args.minimind_version,
         )
     except ModelSourceError as err:
         raise RecipeError(f"{key} {err}") from err
