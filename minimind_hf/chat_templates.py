@@ -161,3 +161,49 @@ MINIMIND3_SPECIAL_TOKENS = [
 ]
 MINIMIND3_TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 MINIMIND3_BUFFER_TOKENS = [f"<|buffer{i}|>" for i in range(1, 10)]
+
+# What `load_tokenizer(chat_template=...)` accepts besides None (decide from the tokenizer).
+TEMPLATE_CHOICES = ("minimind2", "minimind3", "keep")
+
+
+def has_minimind3_vocabulary(added_tokens: set[str]) -> bool:
+    """Whether a tokenizer's added tokens are MiniMind-3's (its tool and think tags), for one with no template."""
+    return set(MINIMIND3_TAG_TOKENS) <= added_tokens
+
+
+def training_template(own: str | None, choice: str | None, added_tokens: set[str], where: str) -> str | None:
+    """The chat template `load_tokenizer` gives a tokenizer whose own template is `own`.
+
+    `choice` "minimind2" / "minimind3" names the marked template to use whatever the tokenizer holds; "keep" keeps
+    its own. With None: a marked template of this project (or the user's own with `{% generation %}` markers) is
+    kept; the original MiniMind2 or MiniMind-3 template, or this project's earlier one, gets its marked twin; no
+    template at all gets MiniMind2's, or MiniMind-3's for a MiniMind-3 vocabulary. Any other template is refused:
+    replacing it would train on a format the tokenizer's owner never chose.
+    """
+    # Imported here: tokenizer.py imports this module for MiniMind-3's template.
+    from trl.chat_template_utils import has_generation_markers
+
+    from .tokenizer import _EARLIER_TEMPLATES, CHAT_TEMPLATE
+
+    marked = {"minimind2": CHAT_TEMPLATE, "minimind3": MINIMIND3_CHAT_TEMPLATE}
+    if choice == "keep":
+        return own
+    if choice is not None:
+        if choice not in marked:
+            raise ValueError(f"chat_template must be one of {TEMPLATE_CHOICES} or None, got {choice!r}")
+        return marked[choice]
+    if own in marked.values():
+        return own
+    if own in _EARLIER_TEMPLATES:
+        return CHAT_TEMPLATE
+    if not own:
+        return marked["minimind3" if has_minimind3_vocabulary(added_tokens) else "minimind2"]
+    name = original_template_name(own)
+    if name is not None:
+        return marked[name]
+    if has_generation_markers(own):
+        return own
+    raise ValueError(
+        f"{where}: its chat template is neither MiniMind2's nor MiniMind-3's original and has no "
+        "{% generation %} markers to train on; choose one with chat_template: minimind2, minimind3 or keep"
+    )
