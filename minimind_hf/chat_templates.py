@@ -12,10 +12,12 @@ original's supervised tokens.
 its marked twin and refuses a template it does not know instead of replacing it silently.
 """
 
+# The template below is the original's text line for line (so that the two can be diffed); some lines are long.
+# ruff: noqa: E501
+
 from __future__ import annotations
 
 import hashlib
-import re
 
 # The original's text, verbatim but for the changes the module doc lists.
 MINIMIND3_CHAT_TEMPLATE = r"""{%- if tools %}
@@ -130,7 +132,7 @@ ORIGINAL_TEMPLATES = {
 
 
 def original_template_name(template: str | None) -> str | None:
-    """"minimind2" or "minimind3" when `template` is that original template (whitespace aside), else None."""
+    """ "minimind2" or "minimind3" when `template` is that original template (whitespace aside), else None."""
     return None if not template else ORIGINAL_TEMPLATES.get(template_digest(template))
 
 

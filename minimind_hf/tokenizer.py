@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
+
 from .chat_templates import training_template
 
 PAD_TOKEN = "<|endoftext|>"
