@@ -65,7 +65,8 @@ def test_tool_row_is_normalised():
         "tool_calls": [{"name": "f", "arguments": {}}],
     }
     with pytest.raises(t2t.Invalid, match="arguments is not a JSON object"):
-        t2t.validate_messages([USER, {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "1"}]}])
+        call = {"name": "f", "arguments": "1"}
+        t2t.validate_messages([USER, {"role": "assistant", "content": "", "tool_calls": [call]}])
 
 
 def test_augmentation_shares_follow_the_ratios_and_the_seed():
