@@ -383,7 +383,11 @@ def iter_texts(paths: Paths) -> Iterator[str]:
         if "text" in record:
             yield record["text"]
         else:
-            yield from (message["content"] for message in record["messages"])
+            for message in record["messages"]:
+                yield message["content"]
+                # MiniMind-3 rows: the thinking is text the tokenizer should learn too.
+                if message.get("reasoning_content"):
+                    yield message["reasoning_content"]
 
 
 def _generate(files: list[tuple], skips: list[tuple[int, ...]], kind: str) -> Iterator[dict]:
