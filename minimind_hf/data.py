@@ -55,6 +55,8 @@ from datasets.io.generator import GeneratorDatasetInputStream
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import has_generation_markers
 
+from . import t2t
+from .chat_templates import MINIMIND3_CHAT_TEMPLATE
 from .errors import DataError
 from .tokenizer import load_tokenizer
 
@@ -101,6 +103,12 @@ def _conversation(record: dict) -> dict:
         raise _Invalid("missing_field", 'no "conversations" field')
     if not isinstance(conversations, list) or not conversations:
         raise _Invalid("bad_conversations", '"conversations" is not a non-empty list')
+    if t2t.uses_t2t(conversations):
+        # Tool calls, tool replies, reasoning (MiniMind-3's rows); plain rows keep MiniMind2's rules below.
+        try:
+            return {"messages": t2t.validate_messages(conversations)}
+        except t2t.Invalid as invalid:
+            raise _Invalid(invalid.problem, invalid.detail) from None
     for i, message in enumerate(conversations):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise _Invalid("bad_message", f"message {i} is not an object with role and content")
@@ -248,11 +256,30 @@ def _check_not_empty(path: Path) -> None:
 
 
 def _encode_conversations(
+    conversations: list[list[dict]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    draws: list[tuple[float, float, float]] | None = None,
+    augment: dict | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each conversation, as TRL's `SFTTrainer` with `assistant_only_loss=True` builds them; with
+    MiniMind-3's template, as the original's `SFTDataset` does (with `augment`'s ratios, drawn by `draws`)."""
+    if tokenizer.chat_template == MINIMIND3_CHAT_TEMPLATE:
+        # Rendered text, then tokens: the original's empty-think augmentation edits the text. Its labels equal the
+        # template's assistant mask (tests/test_minimind3_template.py), augmentation aside.
+        return t2t.encode_rendered(conversations, tokenizer, max_length, draws, **(augment or {}))
+    if any(m.get("tools") for messages in conversations for m in messages):
+        # `tools` is one argument for a whole batch: conversations with their own go one by one.
+        return [pair for messages in conversations for pair in _encode_batch([messages], tokenizer, max_length)]
+    return _encode_batch(conversations, tokenizer, max_length)
+
+
+def _encode_batch(
     conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, max_length: int | None
 ) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) of each conversation, as TRL's `SFTTrainer` with `assistant_only_loss=True` builds them."""
+    tools = next((m["tools"] for m in conversations[0] if m.get("tools")), None) if len(conversations) == 1 else None
     encoded = tokenizer.apply_chat_template(
-        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        conversations, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     pairs = []
     for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True):
@@ -273,9 +300,16 @@ def encode_conversation(
     return {"input_ids": ids, "labels": labels}
 
 
-def _encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> list[list[int]]:
-    """`<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length` (the end token only when the text fits)."""
+def _encode_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None, keep_eos_when_cut: bool = False
+) -> list[list[int]]:
+    """`<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length`: MiniMind2 keeps the end token only when
+    the text fits; MiniMind-3 (`keep_eos_when_cut`) cuts the text to `max_length - 2` tokens and always ends it."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if keep_eos_when_cut and max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for the begin and end tokens, got {max_length}")
+        return [[bos, *ids[: max_length - 2], eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     # Cut here rather than with the tokenizer's `truncation`, which it would keep as state after the call.
     return [
         ([bos] + ids[:max_length] + [eos])[:max_length]
@@ -341,7 +375,11 @@ def iter_texts(paths: Paths) -> Iterator[str]:
         if "text" in record:
             yield record["text"]
         else:
-            yield from (message["content"] for message in record["messages"])
+            for message in record["messages"]:
+                yield message["content"]
+                # MiniMind-3 rows: the thinking is text the tokenizer should learn too.
+                if message.get("reasoning_content"):
+                    yield message["reasoning_content"]
 
 
 def _generate(files: list[tuple], skips: list[tuple[int, ...]], kind: str) -> Iterator[dict]:
@@ -349,7 +387,16 @@ def _generate(files: list[tuple], skips: list[tuple[int, ...]], kind: str) -> It
         skip = set(skip)
         for number, raw, unterminated in _lines(path):
             if number not in skip:
-                yield _parse(raw, unterminated, kind)
+                row = _parse(raw, unterminated, kind)
+                if kind == "sft" and any(set(m) - {"role", "content"} for m in row["messages"]):
+                    raise DataError(
+                        path,
+                        number,
+                        "t2t_fields",
+                        "tools, tool_calls and reasoning_content are only loaded tokenized (load_sft_tokenized); "
+                        "the messages column holds role and content",
+                    )
+                yield row
 
 
 def _file_identity(path: Path) -> tuple:
@@ -455,8 +502,9 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _fingerprint(paths: list[Path], kind: str, tokenizer: PreTrainedTokenizerBase, settings: list) -> str:
     digest = hashlib.sha256()
-    # This module's code decides the rows; transformers' renders the template and computes the assistant masks.
-    for part in (Path(__file__).read_bytes(), transformers.__version__, kind, repr(settings)):
+    # This module's code and t2t's decide the rows; transformers' renders the template and computes the masks.
+    code = Path(__file__).read_bytes() + Path(t2t.__file__).read_bytes()
+    for part in (code, transformers.__version__, kind, repr(settings)):
         digest.update(part if isinstance(part, bytes) else part.encode())
     digest.update(_tokenizer_identity(tokenizer).encode())
     digest.update(repr([_file_identity(p) for p in paths]).encode())
@@ -510,14 +558,20 @@ def _byte_ranges(paths: list[Path], parts: int) -> list[list[tuple[str, int, int
     return runs
 
 
-def _encoded_rows(pending: list, file: int, kind: str, tokenizer, max_length, assistant_only: bool) -> Iterator[dict]:
-    parsed = [record for _, record in pending if not isinstance(record, _Invalid)]
+def _encoded_rows(
+    pending: list, file: int, kind: str, tokenizer, max_length, assistant_only: bool, options: dict
+) -> Iterator[dict]:
+    parsed = [(number, record) for number, record in pending if not isinstance(record, _Invalid)]
     if not parsed:
         encoded = iter(())
     elif kind == "pretrain":
-        encoded = ((ids, ids) for ids in _encode_texts([r["text"] for r in parsed], tokenizer, max_length))
+        texts = [r["text"] for _, r in parsed]
+        encoded = ((ids, ids) for ids in _encode_texts(texts, tokenizer, max_length, options["keep_eos_when_cut"]))
     else:
-        encoded = iter(_encode_conversations([r["messages"] for r in parsed], tokenizer, max_length))
+        augment = options["augment"]
+        draws = [t2t.row_draws(options["seed"], file, number) for number, _ in parsed] if augment else None
+        conversations = [r["messages"] for _, r in parsed]
+        encoded = iter(_encode_conversations(conversations, tokenizer, max_length, draws, augment))
     for number, record in pending:
         row = {"input_ids": [], "labels": [], "file": file, "line": number, "problem": None, "detail": None}
         if isinstance(record, _Invalid):
@@ -539,6 +593,7 @@ def _tokenized_rows(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
     assistant_only: bool,
+    options: dict,
 ) -> Iterator[dict]:
     """One row per line of each run, in order: its tokens, or the problem that keeps it out (with file and line)."""
     for run in runs:
@@ -550,9 +605,9 @@ def _tokenized_rows(
                 except _Invalid as invalid:
                     pending.append((number, invalid))
                 if len(pending) == ENCODE_BATCH:
-                    yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only)
+                    yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only, options)
                     pending = []
-            yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only)
+            yield from _encoded_rows(pending, file, kind, tokenizer, max_length, assistant_only, options)
 
 
 def _named(rows: list[dict], paths: list[Path]) -> str:
@@ -570,12 +625,18 @@ def _tokenized(
     error_on_unsupervised: bool,
     num_proc: int | None,
     assistant_only: bool = True,
+    options: dict | None = None,
 ) -> Dataset:
     paths = _as_paths(paths)
     for path in paths:
         _check_not_empty(path)
     if kind == "sft" and assistant_only:
         _check_template(tokenizer)
+    options = {"augment": None, "seed": 0, "keep_eos_when_cut": False, **(options or {})}
+    if options["augment"] and tokenizer.chat_template != MINIMIND3_CHAT_TEMPLATE:
+        raise ValueError(
+            "add_system_ratio and empty_think_ratio are MiniMind-3's augmentations: they need its chat template"
+        )
     runs = _byte_ranges(paths, _processes(paths, num_proc))
     stream = GeneratorDatasetInputStream(
         generator=_tokenized_rows,
@@ -586,9 +647,10 @@ def _tokenized(
             "tokenizer": tokenizer,
             "max_length": max_length,
             "assistant_only": assistant_only,
+            "options": options,
         },
         num_proc=len(runs) if len(runs) > 1 else None,
-        fingerprint=_fingerprint(paths, kind, tokenizer, [max_length, assistant_only]),
+        fingerprint=_fingerprint(paths, kind, tokenizer, [max_length, assistant_only, sorted(options.items())]),
     )
     # Malformed lines are reported before anything is tokenized, by a scan that only parses (about 1/20 of the
     # cost of tokenizing). A cached dataset already holds every line's problem, and needs no scan.
@@ -643,6 +705,9 @@ def load_sft_tokenized(
     error_on_unsupervised: bool = False,
     num_proc: int | None = None,
     assistant_only_loss: bool = True,
+    add_system_ratio: float = 0.0,
+    empty_think_ratio: float = 1.0,
+    seed: int = 0,
 ) -> Dataset:
     """SFT conversations as `input_ids` and `labels`, tokenized once as TRL's `SFTTrainer` tokenizes them (the
     chat template, the assistant mask, cut to `max_length`), ready for `SFTTrainer` to pack; see the module doc.
@@ -650,7 +715,19 @@ def load_sft_tokenized(
     A conversation with no supervised token within `max_length` is dropped and named in the log, or is a
     `DataError` with `error_on_unsupervised`. `num_proc` worker processes tokenize (default: one per CPU, fewer
     for small files). Without `assistant_only_loss` every token is a target.
+
+    With MiniMind-3's chat template, rows are built as the original's `SFTDataset` builds them (`t2t`), and its
+    augmentations can be switched on: `add_system_ratio` (a share of rows with no system message and no tools
+    gets one of its ten system prompts; the original trains with 0.2) and `empty_think_ratio` (the share of rows
+    that keep their empty think blocks; 0.2 in the original, 1.0 keeps all). Rows draw from a hash of `seed`,
+    file and line, once per run: the same seed gives the same rows.
     """
+    for name, ratio in (("add_system_ratio", add_system_ratio), ("empty_think_ratio", empty_think_ratio)):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {ratio}")
+    augment = None
+    if add_system_ratio > 0 or empty_think_ratio < 1:
+        augment = {"add_system_ratio": add_system_ratio, "empty_think_ratio": empty_think_ratio}
     return _tokenized(
         paths,
         "sft",
@@ -660,6 +737,7 @@ def load_sft_tokenized(
         error_on_unsupervised=error_on_unsupervised,
         num_proc=num_proc,
         assistant_only=assistant_only_loss,
+        options={"augment": augment, "seed": seed},
     )
 
 
@@ -670,10 +748,12 @@ def load_pretrain_tokenized(
     *,
     skip_invalid: bool = False,
     num_proc: int | None = None,
+    keep_eos_when_cut: bool = False,
 ) -> Dataset:
-    """Pretraining texts as `input_ids` = `<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length` (the end
-    token is kept only when the text fits), and `labels` equal to them: every token is a target. One pass, like
-    `load_sft_tokenized`."""
+    """Pretraining texts as `input_ids` = `<|im_start|>` + text tokens + `<|im_end|>`, cut to `max_length`, and
+    `labels` equal to them: every token is a target. One pass, like `load_sft_tokenized`. MiniMind2 keeps the end
+    token only when the text fits; MiniMind-3 (`keep_eos_when_cut=True`) keeps it always, after at most
+    `max_length - 2` text tokens."""
     return _tokenized(
         paths,
         "pretrain",
@@ -683,6 +763,7 @@ def load_pretrain_tokenized(
         error_on_unsupervised=False,
         num_proc=num_proc,
         assistant_only=False,
+        options={"keep_eos_when_cut": keep_eos_when_cut},
     )
 
 

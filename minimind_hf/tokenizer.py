@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from trl.chat_template_utils import has_generation_markers
+
+from .chat_templates import training_template
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
@@ -162,11 +163,14 @@ def _unmask_after_header(ids: list[int], mask, header: list[int]) -> None:
             mask[i] = 0
 
 
-def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> MiniMindTokenizer:
     """Load a local tokenizer directory (a `tokenizer.json` and its config) for MiniMind training.
 
-    A chat template without `{% generation %}` markers (the original MiniMind one), or this project's earlier
-    one, is replaced by `CHAT_TEMPLATE`, which renders identically to the original's. The pad token is set to
+    The original MiniMind2 template (or this project's earlier one) becomes `CHAT_TEMPLATE`, the original
+    MiniMind-3 one `chat_templates.MINIMIND3_CHAT_TEMPLATE`: each renders identically to its original and marks
+    what it supervises. A template with `{% generation %}` markers is kept, a missing one gets the template of
+    the vocabulary's generation, and any other template is refused unless `chat_template` says what to do
+    ("minimind2", "minimind3" or "keep"; see `chat_templates.training_template`). The pad token is set to
     `<|endoftext|>`.
     """
     path = Path(path)
@@ -175,8 +179,8 @@ def load_tokenizer(path: str | Path) -> MiniMindTokenizer:
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"not a tokenizer directory (no tokenizer.json): {path}")
     tokenizer = MiniMindTokenizer.from_pretrained(str(path), local_files_only=True)
-    if not has_generation_markers(tokenizer.chat_template or "") or tokenizer.chat_template in _EARLIER_TEMPLATES:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    tokenizer.chat_template = training_template(tokenizer.chat_template, chat_template, added, str(path))
     if PAD_TOKEN not in tokenizer.get_vocab():
         raise ValueError(f"{path}: the vocabulary has no {PAD_TOKEN} token")
     tokenizer.pad_token = PAD_TOKEN

@@ -5,16 +5,30 @@
 Writes a `PreTrainedTokenizerFast` directory with the ChatML training template of `minimind_hf.tokenizer`:
 `<|endoftext|>` = 0 (pad, unk), `<|im_start|>` = 1 (bos), `<|im_end|>` = 2 (eos), nothing added by plain
 encoding. The vocabulary can come out smaller than `vocab_size` on a small corpus.
+
+`style: minimind3` makes a MiniMind-3 style tokenizer instead: its 21 special tokens at ids 0-20 (the three above,
+then Qwen-style placeholders), `<tool_call>`, `</tool_call>`, `<tool_response>`, `</tool_response>`, `<think>`,
+`</think>` at 21-26 and `<|buffer1|>`..`<|buffer9|>` at 27-35 as added tokens that are not special (decoding with
+`skip_special_tokens` keeps them), and MiniMind-3's marked chat template.
 """
 
+import json
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from trl import TrlParser
 
+from minimind_hf.chat_templates import (
+    MINIMIND3_BUFFER_TOKENS,
+    MINIMIND3_CHAT_TEMPLATE,
+    MINIMIND3_SPECIAL_TOKENS,
+    MINIMIND3_TAG_TOKENS,
+)
 from minimind_hf.data import iter_texts
 from minimind_hf.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+STYLES = ("minimind2", "minimind3")
 
 
 @dataclass
@@ -22,30 +36,46 @@ class TokenizerArguments:
     files: list[str] = field(default_factory=list, metadata={"help": "JSON Lines corpora"})
     output_dir: str = field(default="data/tokenizer", metadata={"help": "where to save the tokenizer"})
     vocab_size: int = field(default=6400, metadata={"help": "vocabulary size, special tokens included"})
+    style: str = field(
+        default="minimind2",
+        metadata={"help": "minimind2 (3 special tokens, ChatML) or minimind3 (its 36 added tokens and template)"},
+    )
 
 
 def train(args: TokenizerArguments) -> PreTrainedTokenizerFast:
     if not args.files:
         raise ValueError("no corpus given: set `files`")
+    if args.style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {args.style!r}")
+    minimind3 = args.style == "minimind3"
+    # The trainer gives its special tokens the first ids, in order, and never merges across them.
+    added = MINIMIND3_SPECIAL_TOKENS + MINIMIND3_TAG_TOKENS + MINIMIND3_BUFFER_TOKENS if minimind3 else SPECIAL_TOKENS
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=args.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=added,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(iter_texts(args.files), trainer=trainer)
+    if minimind3:
+        # The trainer marks all of them special; MiniMind-3's tags and buffers are not (as in its tokenizer.json).
+        state = json.loads(backend.to_str())
+        for token in state["added_tokens"]:
+            token["special"] = token["content"] in MINIMIND3_SPECIAL_TOKENS
+        backend = Tokenizer.from_str(json.dumps(state))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=MINIMIND3_CHAT_TEMPLATE if minimind3 else CHAT_TEMPLATE,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": MINIMIND3_SPECIAL_TOKENS[3:]} if minimind3 else {}),
     )
     tokenizer.save_pretrained(args.output_dir)
     return tokenizer
