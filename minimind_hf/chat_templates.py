@@ -1,7 +1,7 @@
-"""MiniMind-3's chat template with `{% generation %}` markers, and recognition of the original templates.
+"""The chat templates of both generations, with `{% generation %}` markers, and recognition of the originals.
 
-`MINIMIND3_CHAT_TEMPLATE` is the original MiniMind-3 template (its `chat_template.jinja`) with three changes that
-change no rendered byte: the assistant header `<|im_start|>assistant\\n` is printed on its own, `{% generation %}`
+`CHAT_TEMPLATE` is MiniMind2's (see the comment above it). `MINIMIND3_CHAT_TEMPLATE` is the original MiniMind-3
+template (its `chat_template.jinja`) with three changes that change no rendered byte: the assistant header `<|im_start|>assistant\\n` is printed on its own, `{% generation %}`
 wraps what the original's `SFTDataset` supervises (the think block, the content, the tool calls, `<|im_end|>` and
 the `\\n` after it), and the generation prompt also reads `enable_thinking` (this project's and Qwen3's name for
 the original's `open_thinking`) when `open_thinking` is not given. Every assistant turn starts with `<think>`, an
@@ -18,6 +18,121 @@ its marked twin and refuses a template it does not know instead of replacing it 
 from __future__ import annotations
 
 import hashlib
+
+# MiniMind2
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+
+# The original MiniMind template (its tokenizer_config.json), verbatim but for three things: the default system
+# prompt comes from DEFAULT_SYSTEM_PROMPT, the assistant header is printed on its own, and `{% generation %}` wraps
+# what MiniMind supervises (the reply, its tool calls, `<|im_end|>` and the `\n` after it). The tool-calling
+# branch and `enable_thinking` (an empty `<think>` block after the generation prompt) are the original's. The
+# `ns` loop computes a value the original never prints; it is kept so that the two can be compared line by line.
+CHAT_TEMPLATE = (
+    """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with \
+function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\
+\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+ {%- if messages[0]['role'] == 'system' -%}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else -%}
+        {{- '<|im_start|>system\\n"""
+    + DEFAULT_SYSTEM_PROMPT
+    + """<|im_end|>\\n' }}
+ {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and \
+not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- generation %}
+        {{- content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+        {%- endgeneration %}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+)
+
+# This project's earlier template (plain conversations only), saved in tokenizer directories written before the
+# tool-calling and thinking branches came back: such a directory gets `CHAT_TEMPLATE` instead.
+_EARLIER_TEMPLATES = (
+    "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\\n"
+    + DEFAULT_SYSTEM_PROMPT
+    + "<|im_end|>\\n' -}}{%- endif -%}{%- for message in messages -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}{%- generation -%}{{- "
+    "content + '<|im_end|>\\n' -}}{%- endgeneration -%}{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + "
+    "content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- "
+    "'<|im_start|>assistant\\n' -}}{%- endif -%}",
+)
+
+
+# MiniMind-3
 
 # The original's text, verbatim but for the changes the module doc lists.
 MINIMIND3_CHAT_TEMPLATE = r"""{%- if tools %}
@@ -182,10 +297,7 @@ def training_template(own: str | None, choice: str | None, added_tokens: set[str
     template at all gets MiniMind2's, or MiniMind-3's for a MiniMind-3 vocabulary. Any other template is refused:
     replacing it would train on a format the tokenizer's owner never chose.
     """
-    # Imported here: tokenizer.py imports this module for MiniMind-3's template.
-    from trl.chat_template_utils import has_generation_markers
-
-    from .tokenizer import _EARLIER_TEMPLATES, CHAT_TEMPLATE
+    from trl.chat_template_utils import has_generation_markers  # TRL only when a template is chosen
 
     marked = {"minimind2": CHAT_TEMPLATE, "minimind3": MINIMIND3_CHAT_TEMPLATE}
     if choice == "keep":

@@ -7,8 +7,9 @@ from itertools import groupby
 import pytest
 from transformers import AutoTokenizer
 
+from minimind_hf.chat_templates import _EARLIER_TEMPLATES, CHAT_TEMPLATE
 from minimind_hf.data import IGNORE_INDEX, encode_conversation
-from minimind_hf.tokenizer import _EARLIER_TEMPLATES, CHAT_TEMPLATE, load_tokenizer
+from minimind_hf.tokenizer import load_tokenizer
 
 WEATHER = {
     "type": "function",
