@@ -219,7 +219,7 @@ def test_benchmark_smoke_run_writes_the_figures(tmp_path):
 
 
 def test_generated_benchmark_data_has_minimind_length_mix_and_is_deterministic(tokenizer, tmp_path):
-    from make_bench_data import write_bench_data
+    write_bench_data = load_script(REPO / "benchmarks" / "make_bench_data.py").write_bench_data
 
     path = write_bench_data(tmp_path / "a.jsonl", tokenizer, samples=300)
     assert write_bench_data(tmp_path / "b.jsonl", tokenizer, samples=300).read_bytes() == path.read_bytes()

@@ -39,7 +39,9 @@ def read_state_dict(path: str | os.PathLike, what: str, error: type[Exception] =
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise error(f"{path}: not a readable {what} state dict ({err})") from err
+        # torch's unpickling errors run over several lines of advice; the first says what is wrong.
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise error(f"{path}: not a readable {what} state dict ({reason})") from err
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise error(f"{path}: expected a non-empty flat state dict of tensors")
     return {_strip_prefix(k): v for k, v in raw.items()}
