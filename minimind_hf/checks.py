@@ -25,6 +25,7 @@ from transformers.integrations import get_reporting_integration_callbacks
 from transformers.optimization import get_scheduler
 
 from .callbacks import NONFINITE_POLICIES
+from .chat_templates import TEMPLATE_CHOICES
 from .configuration_minimind import MiniMindConfig, config_overrides_problem
 from .errors import ModelSourceError, RecipeError
 from .loading import tokenizer_source
@@ -204,6 +205,12 @@ def check_recipe(args: Any, training_args: TrainingArguments) -> None:
     _check_ranges(args, training_args, resuming)
     _check_optimizer(training_args)
     _check_report_to(training_args)
+    if getattr(args, "chat_template", None) not in (None, *TEMPLATE_CHOICES):
+        _fail("chat_template", f"must be null or one of {', '.join(TEMPLATE_CHOICES)}, got {args.chat_template!r}")
+    for key in ("add_system_ratio", "empty_think_ratio"):
+        value = getattr(args, key, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            _fail(key, f"must be a share in [0, 1], got {value!r}")
     version = getattr(args, "minimind_version", None)
     if version not in (None, 2, 3):
         _fail("minimind_version", f"must be 2 (MiniMind2) or 3 (MiniMind-3), got {version!r}")
@@ -235,7 +242,7 @@ def check_tokenizer_change(args: Any, tokenizer: PreTrainedTokenizerBase, resume
         if own is None or Path(own).resolve() == Path(tokenizer.name_or_path).resolve():
             continue
         try:
-            theirs = load_tokenizer(own).get_vocab()
+            theirs = load_tokenizer(own, chat_template="keep").get_vocab()
         except (OSError, ValueError) as err:
             raise RecipeError(f"{key} {source}: its tokenizer cannot be loaded ({err})") from err
         ours = tokenizer.get_vocab()

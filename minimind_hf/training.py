@@ -85,6 +85,21 @@ class MiniMindArguments:
         default=None,
         metadata={"help": "an HF directory, an original MiniMind .pth file, or null for a fresh model"},
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "the template to train with: null decides from the tokenizer (MiniMind2's or MiniMind-3's "
+            "original gets its marked twin; an unknown one is refused), or minimind2, minimind3, keep"
+        },
+    )
+    add_system_ratio: float = field(
+        default=0.0,
+        metadata={"help": "MiniMind-3 SFT: share of rows without system prompt or tools given one (original 0.2)"},
+    )
+    empty_think_ratio: float = field(
+        default=1.0,
+        metadata={"help": "MiniMind-3 SFT: share of rows that keep their empty think blocks (original 0.2)"},
+    )
     minimind_version: int | None = field(
         default=None,
         metadata={
@@ -296,7 +311,7 @@ def run_recipe(
     except ModelSourceError as err:
         raise RecipeError(f"model_name_or_path {err}") from err
     try:
-        tokenizer = load_tokenizer(tokenizer_path(args))
+        tokenizer = load_tokenizer(tokenizer_path(args), chat_template=args.chat_template)
     except (OSError, ValueError) as err:
         raise RecipeError(f"tokenizer {tokenizer_path(args)}: cannot load it ({err})") from err
     checks.check_tokenizer_change(args, tokenizer, resume_from)

@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
+from ..chat_templates import MINIMIND3_CHAT_TEMPLATE
 from ..data import load_pretrain_tokenized
 from ..training import MiniMindArguments, Stage, run_cli, run_recipe
 from .sft import build_sft_trainer
@@ -29,6 +30,8 @@ def load_datasets(
             training_args.max_length,
             skip_invalid=args.skip_invalid,
             num_proc=training_args.dataset_num_proc,
+            # MiniMind-3's pretraining keeps the end token when a text is cut; MiniMind2's drops it.
+            keep_eos_when_cut=tokenizer.chat_template == MINIMIND3_CHAT_TEMPLATE,
         )
 
     return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None

@@ -170,6 +170,9 @@ def load_datasets(
             error_on_unsupervised=args.error_on_unsupervised,
             num_proc=training_args.dataset_num_proc,
             assistant_only_loss=training_args.assistant_only_loss,
+            add_system_ratio=args.add_system_ratio,
+            empty_think_ratio=args.empty_think_ratio,
+            seed=training_args.seed,
         )
 
     loaded = load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
