@@ -28,6 +28,7 @@ from .cli_options import (
 )
 from .configuration_minimind import config_overrides_problem
 from .loading import DTYPES, load_model_and_tokenizer
+from .replies import split_reply
 from .tokenizer import EOS_TOKEN
 
 __all__ = [
@@ -62,11 +63,16 @@ def generate_replies(
     top_p: float = 0.85,
     greedy: bool = False,
     streamer: TextStreamer | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[str]:
-    """The assistant's next message for each conversation, generated as one left-padded batch."""
+    """The assistant's next message for each conversation, generated as one left-padded batch.
+
+    `template_kwargs` reach the chat template (MiniMind-3: `{"open_thinking": True}` opens a think block, and the
+    reply then starts with the reasoning, up to `</think>`)."""
     inputs = tokenizer.apply_chat_template(
         conversations,
         add_generation_prompt=True,
+        **(template_kwargs or {}),
         padding=True,
         return_tensors="pt",
         return_dict=True,
@@ -133,7 +139,8 @@ def _chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
             except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session
                 print("\n(reply interrupted; not kept in the history)")
                 continue
-            history.append((prompt, reply))
+            # The next turn's context holds the answer, not the reasoning (as MiniMind-3's template renders it).
+            history.append((prompt, split_reply(reply, thinking_open=args.open_thinking, tools=False).content))
 
 
 def _streamer(tokenizer: PreTrainedTokenizerBase) -> TextStreamer:
@@ -153,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_p", type=probability, default=0.85)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=seed, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--open_thinking",
+        action="store_true",
+        help="MiniMind-3: open a think block, so the model reasons before it answers (its template's open_thinking)",
+    )
     args = parser.parse_args(argv)
     # As in most sampling APIs; transformers itself rejects a temperature of 0.
     args.greedy = args.greedy or args.temperature == 0
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None:
         set_seed(args.seed)
     sampling = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "greedy")}
+    if args.open_thinking:
+        sampling["template_kwargs"] = {"open_thinking": True}
     if not args.prompt:
         _chat(model, tokenizer, args, sampling)
         return

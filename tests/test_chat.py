@@ -133,3 +133,31 @@ def test_bad_model_source_is_a_clear_error(tiny, capsys, argv, message):
         main([*argv, "--prompt", "hi"])
     assert exit_info.value.code == 1
     assert message in capsys.readouterr().err
+
+
+def test_minimind3_chat_opens_a_think_block_on_request(shared_fixtures, tmp_path, capsys):
+    """A MiniMind-3 directory chats through its own template: `--open_thinking` ends the prompt inside `<think>`,
+    and the history keeps only the answer after `</think>`."""
+    from minimind_hf import MiniMind3Config, MiniMind3ForCausalLM
+
+    tokenizer = load_tokenizer(shared_fixtures / "minimind3_reference" / "tokenizer")
+    torch.manual_seed(0)
+    config = MiniMind3Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5
+    )
+    MiniMind3ForCausalLM(config).save_pretrained(tmp_path / "m3")
+    tokenizer.save_pretrained(tmp_path / "m3")
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "m3")
+    question = [{"role": "user", "content": "hi"}]
+    open_prompt = tokenizer.apply_chat_template(
+        question, add_generation_prompt=True, tokenize=False, open_thinking=True
+    )
+    closed_prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert open_prompt.endswith("<think>\n") and closed_prompt.endswith("</think>\n\n")
+    replies = [
+        generate_reply(model, tokenizer, question, greedy=True, max_new_tokens=6, template_kwargs=kwargs)
+        for kwargs in ({"open_thinking": True}, None)
+    ]
+    assert replies[0] != replies[1], "the think block must change the prompt the model continues"
+    main(["--model", str(tmp_path / "m3"), "--greedy", "--max_new_tokens", "6", "--open_thinking", "--prompt", "hi"])
+    assert capsys.readouterr().out.strip() == replies[0].strip()

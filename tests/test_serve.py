@@ -18,7 +18,7 @@ import pytest
 import torch
 import uvicorn
 
-from minimind_hf import MiniMindConfig, MiniMindForCausalLM
+from minimind_hf import MiniMind3Config, MiniMind3ForCausalLM, MiniMindConfig, MiniMindForCausalLM
 from minimind_hf.chat import generate_reply
 from minimind_hf.convert import main as convert_main
 from minimind_hf.convert import save_pth
@@ -466,46 +466,56 @@ def test_a_lone_surrogate_gets_a_400(dense_server):
 SHORT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"city": "str"}}}]
 
 
-def train_tool_caller(tokenizer) -> MiniMindForCausalLM:
-    """A tiny model that has learnt two replies by heart: the weather question gets a `get_weather` call, and the
-    tool's result gets an answer quoting it (what a tool-call SFT teaches, on one example)."""
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Mirenburg"}}}
-    asked = [
-        {"role": "user", "content": "Weather in Mirenburg?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
+def learn_by_heart(model, tokenizer, conversations: list[list[dict]], tools: list[dict], steps: int = 120):
+    """Train `model` on whole rendered conversations until it says them back (what a tool-call SFT teaches, on a
+    couple of examples), on one thread: a 64-wide model trains 5-10x faster so than on contended ones."""
+    rows = [
+        tokenizer(tokenizer.apply_chat_template(c, tools=tools, tokenize=False), add_special_tokens=False)
+        for c in conversations
     ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = sum(
+                model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["input_ids"]])).loss
+                for r in rows
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def weather_conversations(reasoning: str | None = None) -> list[list[dict]]:
+    """The weather question gets a `get_weather` call; the tool's result gets an answer quoting it."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Mirenburg"}}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    if reasoning:
+        turn["reasoning_content"] = reasoning
+    asked = [{"role": "user", "content": "Weather in Mirenburg?"}, turn]
     answered = [
         *asked,
         {"role": "tool", "content": "sunny, 21 C"},
         {"role": "assistant", "content": "It is sunny, 21 C."},
     ]
-    rows = [
-        tokenizer(tokenizer.apply_chat_template(c, tools=SHORT_TOOLS, tokenize=False), add_special_tokens=False)
-        for c in (asked, answered)
-    ]
+    return [asked, answered]
+
+
+def train_tool_caller(tokenizer) -> MiniMindForCausalLM:
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**{**SIZES, "hidden_size": 64}, vocab_size=len(tokenizer)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        loss = sum(
-            model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["input_ids"]])).loss for r in rows
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return learn_by_heart(model, tokenizer, weather_conversations(), SHORT_TOOLS)
 
 
 def test_tool_call_round_trip_with_the_openai_client(tokenizer_dir):
     """Request with tools -> the model's call comes back as OpenAI `tool_calls` -> the client runs the tool and
     sends its result -> the final answer uses it; streamed and not."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model trains 5-10x faster on one thread than on contended ones
-    try:
-        model = train_tool_caller(tokenizer)
-    finally:
-        torch.set_num_threads(threads)
+    model = train_tool_caller(tokenizer)
     with in_thread(build_app(model, tokenizer, "tool-caller")) as url:
         api = client(url)
         messages = [{"role": "user", "content": "Weather in Mirenburg?"}]
@@ -537,3 +547,39 @@ def test_tool_call_round_trip_with_the_openai_client(tokenizer_dir):
             model="tool-caller", messages=messages[:1], temperature=0, max_tokens=40
         ).choices[0]
         assert plain.message.tool_calls is None
+
+
+def test_minimind3_reasoning_and_tool_calls_round_trip(shared_fixtures):
+    """MiniMind-3 (its tokenizer and template): with thinking open, the reasoning comes back as
+    `reasoning_content` and the call as `tool_calls`, streamed and not; the tool's result gets the final answer."""
+    tokenizer = load_tokenizer(shared_fixtures / "minimind3_reference" / "tokenizer")
+    torch.manual_seed(0)
+    config = MiniMind3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)
+    )
+    reasoning = "The weather tool knows this."
+    model = learn_by_heart(MiniMind3ForCausalLM(config), tokenizer, weather_conversations(reasoning), SHORT_TOOLS)
+    with in_thread(build_app(model, tokenizer, "m3")) as url:
+        api = client(url)
+        messages = [{"role": "user", "content": "Weather in Mirenburg?"}]
+        request = {"model": "m3", "tools": SHORT_TOOLS, "temperature": 0, "max_tokens": 80}
+        thinking = {"chat_template_kwargs": {"open_thinking": True}}
+        reply = api.chat.completions.create(messages=messages, extra_body=thinking, **request).choices[0]
+        assert reply.finish_reason == "tool_calls"
+        assert reply.message.reasoning_content == reasoning
+        (call,) = reply.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Mirenburg"})
+
+        chunks = list(api.chat.completions.create(messages=messages, stream=True, extra_body=thinking, **request))
+        deltas = [chunk.choices[0].delta for chunk in chunks]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+        assert [c.function.name for d in deltas for c in (d.tool_calls or [])] == ["get_weather"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+        ]
+        final = api.chat.completions.create(messages=messages, **request).choices[0]
+        assert final.finish_reason == "stop" and final.message.content == "It is sunny, 21 C."
+        assert ask(api, "m3", messages, stream=True, tools=SHORT_TOOLS, max_tokens=80) == final.message.content
