@@ -583,3 +583,15 @@ def test_minimind3_reasoning_and_tool_calls_round_trip(shared_fixtures):
         final = api.chat.completions.create(messages=messages, **request).choices[0]
         assert final.finish_reason == "stop" and final.message.content == "It is sunny, 21 C."
         assert ask(api, "m3", messages, stream=True, tools=SHORT_TOOLS, max_tokens=80) == final.message.content
+
+
+@pytest.mark.parametrize("form", ["dense", "moe"])
+def test_python_m_serve_answers_the_openai_client(models, form, tmp_path):
+    """The command as a user runs it, in its own process: plain and streamed replies equal the in-process ones."""
+    port = free_port()
+    argv = [sys.executable, "-m", "minimind_hf.serve", str(models[form]), "--port", str(port), "--log_level", "warning"]
+    expected = reference(models[form])
+    with in_subprocess(argv, port, tmp_path / "serve.log") as url:
+        api = client(url)
+        assert ask(api, str(models[form]), QUESTION) == expected(QUESTION)
+        assert ask(api, str(models[form]), MULTI_TURN, stream=True) == expected(MULTI_TURN)
