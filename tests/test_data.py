@@ -386,6 +386,7 @@ def test_repository_data(project_tokenizer_dir):
     check_eval_set(DATA / "eval.jsonl", DATA / "sft.jsonl")
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_on_a_large_file(tmp_path):
     path = tmp_path / "large.jsonl"
     with open(path, "w", encoding="utf-8") as f:

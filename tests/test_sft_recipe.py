@@ -237,6 +237,7 @@ def _probe_output_dir(path: str, rounds: int, barrier, failures) -> None:
             failures.put(str(err))
 
 
+@pytest.mark.slow
 def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):
     # Two processes checking one output directory at the same moment (under torchrun before only the main process
     # checked; two runs starting together still do): a shared probe file made one delete the file the other was

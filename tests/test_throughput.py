@@ -193,6 +193,7 @@ def test_flops_formula_counts_every_matmul_weight_of_the_26m_model():
     assert 150e6 < per_token < 160e6, "the spec's figure: about 155 MFLOP per trained token"
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run_writes_the_figures(tmp_path):
     out = tmp_path / "throughput.json"
     command = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--hidden_size", "64",
