@@ -54,7 +54,6 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from ..configuration_minimind3 import MiniMind3Config
 from ..data import (
     IGNORE_INDEX,
     InvalidRecord,
@@ -69,6 +68,7 @@ from ..loading import source_kind
 from ..modeling_minimind3 import minimind3_aux_loss
 from ..tokenizer import BOS_TOKEN, EOS_TOKEN
 from ..training import MiniMindArguments, Stage, load_recipe_model, run_cli, run_recipe
+from .moe import capture_router_logits, has_minimind3_moe, model_generation
 
 logger = logging.getLogger("minimind_hf")
 
@@ -190,11 +190,6 @@ BETA_BY_GENERATION = {2: 0.1, 3: 0.15}
 LOSS_TYPE_BY_REDUCTION = {"mean": "sigmoid_norm", "sum": "sigmoid"}
 
 
-def model_generation(model: torch.nn.Module) -> int:
-    """2 for a MiniMind2 model, 3 for MiniMind-3 (its config class says which)."""
-    return 3 if isinstance(model.config, MiniMind3Config) else 2
-
-
 @dataclass
 class DPOArguments(MiniMindArguments):
     """The project's keys plus the reference model and the log-prob reduction."""
@@ -284,30 +279,14 @@ class MiniMindDPOTrainer(DPOTrainer):
     add_moe_aux_loss: bool = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self.add_moe_aux_loss and model.training):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        backbone = unwrapped.base_model  # what TRL's fused LM head runs
-        captured: list[tuple[torch.Tensor, ...]] = []
-
-        def ask(module, args, kwargs):
-            return args, {**kwargs, "output_router_logits": True}
-
-        def keep(module, args, kwargs, output):
-            captured.append(output.router_logits)
-
-        handles = [
-            backbone.register_forward_pre_hook(ask, with_kwargs=True),
-            backbone.register_forward_hook(keep, with_kwargs=True),
-        ]
-        try:
+        with capture_router_logits(unwrapped, self.add_moe_aux_loss and model.training) as router_logits:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"expected one policy forward per DPO step, saw {len(captured)}")
-        aux_loss = minimind3_aux_loss(captured[0], unwrapped.config)
+        if not router_logits:
+            return result
+        if len(router_logits) != 1:
+            raise RuntimeError(f"expected one policy forward per DPO step, saw {len(router_logits)}")
+        aux_loss = minimind3_aux_loss(router_logits[0], unwrapped.config)
         self._metrics["train"]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         if return_outputs:
             loss, outputs = result
@@ -343,7 +322,7 @@ def build_dpo_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    trainer.add_moe_aux_loss = model_generation(model) == 3 and bool(getattr(model.config, "use_moe", False))
+    trainer.add_moe_aux_loss = has_minimind3_moe(model)
     return trainer
 
 
