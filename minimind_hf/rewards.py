@@ -169,11 +169,12 @@ class RewardModelScore:
         from pathlib import Path
 
         import torch
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         self.__name__ = Path(path).name  # TRL logs `rewards/<name>/mean`
         self.clip = clip
-        remote = "auto_map" in AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        # Read as JSON: asking AutoConfig would already refuse (or run) the directory's code.
+        remote = "auto_map" in json.loads((Path(path) / "config.json").read_text())
         if remote:
             # Remote code from this local directory only: `local_files_only` forbids any download.
             self.model = AutoModel.from_pretrained(path, trust_remote_code=True, local_files_only=True)

@@ -41,8 +41,9 @@ per sequence; its `cispo` averages over all tokens of the batch, and no TRL opti
     cispo: -(stopgrad(min(ratio, eps_high)) * A * logp - beta * KL)
 
 plus the MoE balance loss of a MiniMind-3 policy. The KL term is the original's: TRL's `use_bias_correction_kl`
-(on by default, it multiplies the KL by the ratio) does not apply to this path. TRL's options this path does not implement (sequence-level
-importance sampling, entropy masks and bonus, off-policy masks, vLLM correction) are refused with it.
+(on by default, it multiplies the KL by the ratio) does not apply to this path. TRL's options this path does not
+implement (sequence-level importance sampling, entropy masks and bonus, off-policy masks, vLLM correction) are
+refused with it.
 
 The reward model (`reward_model_name_or_path`) is `rewards.RewardModelScore`: a local sequence classifier or a local
 remote-code model with `get_score` (InternLM2-1.8B-Reward), scoring the answer after `</think>`, clipped to
