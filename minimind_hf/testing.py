@@ -22,9 +22,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
 from .configuration_minimind import MiniMindConfig
+from .configuration_minimind3 import MiniMind3Config
 from .formats.llama import llama_config
 from .formats.pth import save_pth
 from .modeling_minimind import MiniMindForCausalLM
+from .modeling_minimind3 import MiniMind3ForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer"
@@ -263,11 +265,8 @@ def load_script(path: str | os.PathLike) -> types.ModuleType:
 TINY3_SIZES: dict[str, Any] = {**TINY_SIZES, "intermediate_size": 64, "vocab_size": 6400}
 
 
-def tiny_minimind3_model(seed: int = 0, **config: Any) -> torch.nn.Module:
+def tiny_minimind3_model(seed: int = 0, **config: Any) -> MiniMind3ForCausalLM:
     """A random tiny `MiniMind3ForCausalLM` (`use_moe=True` for the MoE form) in eval mode, fp16-exact weights."""
-    from .configuration_minimind3 import MiniMind3Config
-    from .modeling_minimind3 import MiniMind3ForCausalLM
-
     torch.manual_seed(seed)
     model = MiniMind3ForCausalLM(MiniMind3Config(**{**TINY3_SIZES, **config}))
     with torch.no_grad():
