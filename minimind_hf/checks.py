@@ -33,7 +33,12 @@ from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
 
 # Values a key takes beyond its declared type: the recipes document `resume_from_checkpoint: true`.
-ALSO_ACCEPTED: dict[str, Any] = {"resume_from_checkpoint": bool}
+ALSO_ACCEPTED: dict[str, Any] = {
+    "resume_from_checkpoint": bool,
+    # DPO and GRPO: null means "what the model's generation trains with", resolved once the model is loaded.
+    "loss_type": type(None),
+    "beta": type(None),
+}
 
 
 def _fail(key: str, message: str) -> typing.NoReturn:

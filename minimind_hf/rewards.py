@@ -9,6 +9,7 @@ TRL leaves it out of the sum.
     answer_match       the same for the content of the reply's `<answer>` block (a reasoning reply)
     reasoning_format   0.5 when the reply is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (MiniMind)
     reasoning_tags     0.25 for each of the four tags that occurs exactly once (MiniMind)
+    minimind3_reward   MiniMind-3's length, thinking-length, `</think>` closure and repetition terms
     think_format_reward, accuracy_reward, reasoning_accuracy_reward, soft_overlong_punishment,
     repetition_penalty  TRL's rewards (`trl.rewards`)
 
@@ -120,6 +121,95 @@ def reasoning_tags(completions: Sequence[Any], **kwargs) -> list[float]:
     return [0.25 * sum(text.count(tag) == 1 for tag in REASONING_TAGS) for text in texts]
 
 
+def word_repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
+    """MiniMind-3's repetition penalty: with `dup` the number of repeated word n-grams among `total`,
+    `min(cap, dup * cap * 2 / total)` (a text half made of repeats gets the whole cap); 0 below n words."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams))
+
+
+def thinking_and_answer(text: str) -> tuple[str | None, str]:
+    """A MiniMind-3 reply split at its first `</think>`: (thinking, answer), or (None, reply) without one."""
+    if THINK_CLOSE not in text:
+        return None, text.strip()
+    thinking, answer = text.split(THINK_CLOSE, 1)
+    return thinking.strip(), answer.strip()
+
+
+def minimind3_reward(completions: Sequence[Any], **kwargs) -> list[float]:
+    """MiniMind-3's `train_grpo.py` rule reward (its reward model's score is the separate `reward_model_name_or_path`
+    function): +0.5 for a 20-800 character reply, else -0.5; with `</think>`, +1.0 for 20-300 characters of thinking
+    (else -0.5) and +0.25 when `</think>` occurs exactly once (else -0.25); minus `word_repetition_penalty` of the
+    answer (the text after `</think>`, or the whole reply)."""
+    rewards = []
+    for completion in completions:
+        text = completion_text(completion)
+        reward = 0.5 if 20 <= len(text.strip()) <= 800 else -0.5
+        thinking, answer = thinking_and_answer(text)
+        if thinking is not None:
+            reward += 1.0 if 20 <= len(thinking) <= 300 else -0.5
+            reward += 0.25 if text.count(THINK_CLOSE) == 1 else -0.25
+        rewards.append(reward - word_repetition_penalty(answer))
+    return rewards
+
+
+class RewardModelScore:
+    """A local reward model as a reward function: the prompt plus the reply's answer (the text after `</think>`,
+    as MiniMind-3 scores it) as a chat, scored and clipped to +-`clip`.
+
+    Two kinds of directory: a sequence classifier (`AutoModelForSequenceClassification`, the score is its one
+    logit on the reward tokenizer's chat rendering), or a remote-code model with `get_score(tokenizer, messages)`
+    (InternLM2-1.8B-Reward, the original's), whose code is run only from that local directory. Never downloaded.
+    """
+
+    def __init__(self, path: str, clip: float | None = 3.0):
+        from pathlib import Path
+
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.__name__ = Path(path).name  # TRL logs `rewards/<name>/mean`
+        self.clip = clip
+        # Read as JSON: asking AutoConfig would already refuse (or run) the directory's code.
+        remote = "auto_map" in json.loads((Path(path) / "config.json").read_text())
+        if remote:
+            # Remote code from this local directory only: `local_files_only` forbids any download.
+            self.model = AutoModel.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+            if not hasattr(self.model, "get_score"):
+                raise ValueError(f"{path}: a remote-code reward model needs a get_score(tokenizer, messages) method")
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.remote = remote
+        self._torch = torch
+
+    def score(self, messages: list[dict]) -> float:
+        if self.remote:
+            return float(self.model.get_score(self.tokenizer, messages))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        with self._torch.no_grad():
+            return float(self.model(**inputs).logits[0, 0])
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float]:
+        scores = []
+        # Prompts the GRPO stage rendered itself (`thinking_ratio`) are text; their messages come as a column.
+        rendered = kwargs.get("prompt_messages") or [None] * len(prompts)
+        for prompt, completion, messages in zip(prompts, completions, rendered, strict=True):
+            if messages is None:
+                messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            answer = thinking_and_answer(completion_text(completion))[1]
+            value = self.score([*messages, {"role": "assistant", "content": answer}])
+            scores.append(value if self.clip is None else max(-self.clip, min(self.clip, value)))
+        return scores
+
+
 def _trl_reward(name: str) -> Callable[[Any], RewardFunc]:
     def build(training_args: Any) -> RewardFunc:
         import trl.rewards
@@ -159,6 +249,7 @@ REWARD_FUNCS: dict[str, Callable[[Any], RewardFunc]] = {
     "answer_match": _plain(answer_match),
     "reasoning_format": _plain(reasoning_format),
     "reasoning_tags": _plain(reasoning_tags),
+    "minimind3_reward": _plain(minimind3_reward),
     "think_format_reward": _trl_reward("think_format_reward"),
     "accuracy_reward": _trl_reward("accuracy_reward"),
     "reasoning_accuracy_reward": _trl_reward("reasoning_accuracy_reward"),

@@ -22,9 +22,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
 from .configuration_minimind import MiniMindConfig
+from .configuration_minimind3 import MiniMind3Config
 from .formats.llama import llama_config
 from .formats.pth import save_pth
 from .modeling_minimind import MiniMindForCausalLM
+from .modeling_minimind3 import MiniMind3ForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer"
@@ -257,3 +259,24 @@ def load_script(path: str | os.PathLike) -> types.ModuleType:
     sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+# MiniMind-3 at the size of `TINY_SIZES`, with the MiniMind-3 vocabulary (its tokenizer is a shared fixture).
+TINY3_SIZES: dict[str, Any] = {**TINY_SIZES, "intermediate_size": 64, "vocab_size": 6400}
+
+
+def tiny_minimind3_model(seed: int = 0, **config: Any) -> MiniMind3ForCausalLM:
+    """A random tiny `MiniMind3ForCausalLM` (`use_moe=True` for the MoE form) in eval mode, fp16-exact weights."""
+    torch.manual_seed(seed)
+    model = MiniMind3ForCausalLM(MiniMind3Config(**{**TINY3_SIZES, **config}))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    return model.eval()
+
+
+def save_minimind3_dir(model: torch.nn.Module, directory: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> Path:
+    """A MiniMind-3 model as this project's HF directory, with the MiniMind-3 tokenizer from `tokenizer_dir`."""
+    model.save_pretrained(directory)
+    save_tokenizer(directory, tokenizer_dir)
+    return Path(directory)

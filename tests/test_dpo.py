@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -24,6 +26,8 @@ from minimind_hf.testing import (
     max_abs_diff,
     record_batches,
     save_hf_dir,
+    save_minimind3_dir,
+    tiny_minimind3_model,
     tiny_model,
     write_jsonl,
     write_sft_data,
@@ -101,6 +105,85 @@ def test_first_logged_loss_is_the_originals_on_its_fixture(shared_fixtures, tmp_
         pairs = sorted(zip(counts[:4], counts[4:], strict=True))
         want = expected["supervised_tokens_chosen"], expected["supervised_tokens_rejected"]
         assert pairs == sorted(zip(*want, strict=True))
+
+
+def summed_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Each row's log-prob summed over its supervised targets (the completion mask, shifted)."""
+    with torch.no_grad():
+        logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(1)
+
+
+@pytest.mark.parametrize("use_moe", [True, False])
+def test_minimind3_dpo_is_the_originals_summed_loss_with_beta_015_and_aux(shared_fixtures, tmp_path, use_moe):
+    """MiniMind-3's `train_dpo.py`: summed log-probs, beta 0.15, plus the policy's MoE balance loss, by default."""
+    tokenizer_dir = shared_fixtures / "minimind3_reference" / "tokenizer"
+    policy = tiny_minimind3_model(seed=0, use_moe=use_moe)
+    reference = tiny_minimind3_model(seed=1, use_moe=use_moe)
+    write_jsonl(tmp_path / "dpo.jsonl", preference_pairs(8))
+    recipe = {
+        **TINY_RECIPE,
+        "tokenizer_name_or_path": str(tokenizer_dir),
+        "data_path": str(tmp_path / "dpo.jsonl"),
+        "model_name_or_path": str(save_minimind3_dir(policy, tmp_path / "policy", tokenizer_dir)),
+        "ref_model_name_or_path": str(save_minimind3_dir(reference, tmp_path / "reference", tokenizer_dir)),
+        "config_overrides": "",
+        "max_length": 128,
+        "max_steps": 1,
+        "logging_steps": 1,
+        "save_steps": 10,
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    batches = []
+    trainer = dpo.main(
+        ["--config", str(tmp_path / "recipe.yaml")],
+        before_train=lambda trainer: record_batches(trainer, batches, first_only=True),
+    )
+    assert trainer.args.beta == 0.15 and trainer.args.loss_type == ["sigmoid"]
+    batch = batches[0]
+    policy_logps, reference_logps = summed_logps(policy, batch), summed_logps(reference, batch)
+    (pi_c, pi_r), (ref_c, ref_r) = policy_logps.chunk(2), reference_logps.chunk(2)
+    expected = -F.logsigmoid(0.15 * ((pi_c - pi_r) - (ref_c - ref_r))).mean()
+    logged = trainer.state.log_history[0]
+    if use_moe:
+        # The original adds the policy forward's `aux_loss` (train mode, every position of the batch).
+        with torch.no_grad():
+            aux = policy.train()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).aux_loss
+        assert aux > 0 and logged["aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
+        expected = expected + aux
+    else:
+        assert "aux_loss" not in logged
+    print(f"MiniMind-3 DPO (moe={use_moe}): logged {logged['loss']:.8f}, the original's formula {expected:.8f}")
+    assert logged["loss"] == pytest.approx(expected.item(), abs=2e-6)
+
+
+def test_the_seed_dpo_stays_an_option_for_minimind3_and_bad_keys_are_one_line_errors(shared_fixtures, tmp_path):
+    tokenizer_dir = shared_fixtures / "minimind3_reference" / "tokenizer"
+    write_jsonl(tmp_path / "dpo.jsonl", preference_pairs(8))
+    recipe = {
+        **TINY_RECIPE,
+        "tokenizer_name_or_path": str(tokenizer_dir),
+        "data_path": str(tmp_path / "dpo.jsonl"),
+        "model_name_or_path": str(save_minimind3_dir(tiny_minimind3_model(), tmp_path / "policy", tokenizer_dir)),
+        "config_overrides": "",
+        "max_length": 128,
+        "max_steps": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["--config", str(tmp_path / "recipe.yaml")]
+    trainer = dpo.main([*argv, "--dpo_logprob_reduction", "mean", "--beta", "0.1"])
+    assert trainer.args.loss_type == ["sigmoid_norm"] and trainer.args.beta == 0.1
+    argv += ["--output_dir", str(tmp_path / "refused")]
+    with pytest.raises(RecipeError, match="dpo_logprob_reduction must be mean, sum or null"):
+        dpo.main([*argv, "--dpo_logprob_reduction", "median"])
+    with pytest.raises(RecipeError, match="dpo_logprob_reduction: sum is loss_type sigmoid, but loss_type is ipo"):
+        dpo.main([*argv, "--dpo_logprob_reduction", "sum", "--loss_type", "ipo"])
+    with pytest.raises(RecipeError, match="beta must be > 0"):
+        dpo.main([*argv, "--beta", "-1"])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_mask_from_token_ids_is_the_originals_sft_mask(shared_fixtures, tokenizer_dir):

@@ -253,3 +253,184 @@ def test_shipped_recipes_parse(name):
     assert training_args.num_generations == 8 and training_args.beta == 0.02 and training_args.loss_type == "grpo"
     assert training_args.generation_batch_size % training_args.num_generations == 0
     assert args.reward_funcs and not training_args.activation_checkpointing
+
+
+# --- MiniMind-3: CISPO by default, the original's per-sequence averaging, thinking_ratio, both reward-model kinds
+
+
+def minimind3_recipe(shared_fixtures, tmp_path: Path, use_moe: bool = True, **overrides) -> Path:
+    from minimind_hf.testing import save_minimind3_dir, tiny_minimind3_model
+
+    tokenizer_dir = shared_fixtures / "minimind3_reference" / "tokenizer"
+    model = save_minimind3_dir(tiny_minimind3_model(use_moe=use_moe), tmp_path / "policy", tokenizer_dir)
+    return write_recipe(
+        tmp_path,
+        tokenizer_name_or_path=str(tokenizer_dir),
+        model_name_or_path=str(model),
+        config_overrides="",
+        max_prompt_length=128,
+        max_completion_length=8,
+        reward_funcs=["minimind3_reward", "exact_match"],
+        **overrides,
+    )
+
+
+def recorder(seen: list):
+    """`before_train`: record each loss with the policy's own per-token log-probs (temperature-scaled, as TRL
+    scores them) and, for a MoE policy, its balance loss on the same forward."""
+
+    def record(trainer):
+        compute_loss = trainer.compute_loss
+
+        def recording(model, inputs, *args, **kwargs):
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            n = inputs["completion_ids"].size(1)
+            with torch.no_grad():
+                outputs = model(input_ids=ids, attention_mask=attention)
+                logits = outputs.logits[:, -n - 1 : -1] / trainer.temperature
+                logps = logits.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+            loss = compute_loss(model, inputs, *args, **kwargs)
+            seen.append((loss.detach(), logps, outputs.aux_loss, inputs))
+            return loss
+
+        trainer.compute_loss = recording
+
+    return record
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "grpo"])
+def test_minimind3_loss_is_the_originals_per_sequence_formula(shared_fixtures, tmp_path, loss_type):
+    """Spec section 8: per-token grpo/cispo with the k3 KL, averaged over each sequence's completion tokens, then
+    over sequences, plus the MoE balance loss; MiniMind-3's defaults where the recipe is silent."""
+    overrides = {} if loss_type == "cispo" else {"loss_type": "grpo"}
+    recipe = minimind3_recipe(shared_fixtures, tmp_path, max_steps=2, save_steps=2, learning_rate=0.05, **overrides)
+    seen = []
+    trainer = grpo.main(["--config", str(recipe)], before_train=recorder(seen))
+    assert trainer.args.loss_type == loss_type and trainer.args.beta == 0.1
+    assert trainer.epsilon_high == (5.0 if loss_type == "cispo" else 0.2)
+    assert len(seen) == 2
+    for loss, logps, aux, inputs in seen:
+        mask = inputs["completion_mask"].float()
+        ref, advantages = inputs["ref_per_token_logps"], inputs["advantages"].unsqueeze(1)
+        old = inputs.get("old_per_token_logps")
+        old = logps if old is None else old
+        ratio = torch.exp(logps - old)
+        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        if loss_type == "cispo":
+            per_token = -(torch.clamp(ratio, max=5.0) * advantages * logps - 0.1 * kl)
+        else:
+            per_token = -(torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages) - 0.1 * kl)
+        expected = ((per_token * mask).sum(1) / mask.sum(1)).mean() + aux
+        assert aux > 0
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert "aux_loss" in logged[0] and "rewards/minimind3_reward/mean" in logged[0]
+
+
+def test_thinking_ratio_renders_open_thinking_per_row_with_the_seed(shared_fixtures, tmp_path):
+    tokenizer = load_tokenizer(shared_fixtures / "minimind3_reference" / "tokenizer")
+    path = write_jsonl(tmp_path / "grpo.jsonl", eval_rows(40))
+    dataset = load_grpo_dataset(path, tokenizer, max_prompt_length=None)
+    rendered = grpo.render_prompts(dataset, tokenizer, 0.5, seed=42)
+    again = grpo.render_prompts(dataset, tokenizer, 0.5, seed=42)
+    assert rendered["open_thinking"] == again["open_thinking"] and 5 < sum(rendered["open_thinking"]) < 35
+    for row in rendered:
+        closed = row["prompt"].endswith("<think>\n\n</think>\n\n")
+        assert row["prompt"].endswith("assistant\n<think>\n") != closed and closed != row["open_thinking"]
+        assert row["prompt_messages"][-1]["role"] == "user"
+    assert all(grpo.render_prompts(dataset, tokenizer, 1.0, seed=0)["open_thinking"])
+
+
+def test_minimind3_reward_follows_the_originals_numbers():
+    from minimind_hf.rewards import minimind3_reward, word_repetition_penalty
+
+    thinking = "Let me add the two numbers."  # 27 characters
+    answer = "The sum of three and four is seven."
+    assert minimind3_reward([answer]) == [0.5]  # 20-800 characters, no thinking, no repeats
+    assert minimind3_reward(["short"]) == [-0.5]
+    assert minimind3_reward([f"{thinking}</think>{answer}"]) == [0.5 + 1.0 + 0.25]
+    assert minimind3_reward([f"hmm</think>{answer}"]) == [0.5 - 0.5 + 0.25]
+    assert minimind3_reward([f"{thinking}</think>{answer}</think>"]) == [0.5 + 1.0 - 0.25]
+    assert word_repetition_penalty("a b c a b c") == pytest.approx(min(0.5, 1 * 0.5 * 2 / 4))
+    assert word_repetition_penalty("go " * 50) == 0.5
+    repeated = "the cat sat " * 4
+    assert minimind3_reward([repeated]) == [pytest.approx(0.5 - word_repetition_penalty(repeated))]
+
+
+REMOTE_CODE = """
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class TinyRewardConfig(PretrainedConfig):
+    model_type = "tiny_reward"
+
+
+class TinyRewardModel(PreTrainedModel):
+    config_class = TinyRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.post_init()
+
+    def get_score(self, tokenizer, messages):
+        # Deterministic and readable: the answer's length in characters, scaled.
+        return float(self.scale) * len(messages[-1]["content"])
+"""
+
+
+def tiny_remote_code_reward_model(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "tiny_reward.py").write_text(REMOTE_CODE)
+    config = {
+        "model_type": "tiny_reward",
+        "architectures": ["TinyRewardModel"],
+        "auto_map": {"AutoConfig": "tiny_reward.TinyRewardConfig", "AutoModel": "tiny_reward.TinyRewardModel"},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    save_file({"scale": torch.tensor(1.0)}, str(directory / "model.safetensors"))
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    return directory
+
+
+def test_reward_models_of_both_kinds_score_the_answer_clipped(tmp_path):
+    from minimind_hf.rewards import RewardModelScore
+
+    prompts = [[{"role": "user", "content": "Hi"}]] * 3
+    completions = ["thinking here</think>ok", "a" * 10, "b" * 100]
+    remote = RewardModelScore(str(tiny_remote_code_reward_model(tmp_path / "remote_rm")), clip=3.0)
+    assert remote(prompts, completions) == [2.0, 3.0, 3.0]  # len("ok") = 2; 10 and 100 clipped to 3
+    assert RewardModelScore(str(tmp_path / "remote_rm"), clip=None)(prompts, completions) == [2.0, 10.0, 100.0]
+    classifier = RewardModelScore(str(tiny_reward_model(tmp_path / "rm")), clip=0.01)
+    scores = classifier(prompts, completions)
+    assert all(abs(score) <= 0.01 for score in scores) and classifier.__name__ == "rm"
+    # The same answer after different thinking gets the same score: only the answer is scored.
+    alone = classifier(prompts[:1], ["same"])[0]
+    assert classifier(prompts[:2], ["x</think>same", "y y y</think>same"]) == [alone, alone]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"thinking_ratio": 1.5}, "thinking_ratio must be between 0 and 1"),
+        ({"grpo_loss_averaging": "batch"}, "grpo_loss_averaging must be sequence, trl or null"),
+        ({"loss_type": "dapo", "grpo_loss_averaging": "sequence"}, "applies to loss_type grpo and cispo, not dapo"),
+        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile: 0.5 is not implemented"),
+        ({"reward_model_clip": 0}, "reward_model_clip must be > 0"),
+    ],
+)
+def test_bad_new_keys_are_one_line_errors(tmp_path, overrides, message):
+    recipe = write_recipe(tmp_path, **overrides)
+    with pytest.raises(RecipeError, match=message):
+        grpo.main(["--config", str(recipe)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_thinking_ratio_needs_minimind3s_template(tmp_path):
+    recipe = write_recipe(tmp_path, thinking_ratio=0.5)
+    with pytest.raises(RecipeError, match="thinking_ratio needs a chat template with open_thinking"):
+        grpo.main(["--config", str(recipe)])

@@ -196,3 +196,35 @@ def test_bad_adapters_and_recipes_name_the_problem(shared_fixtures, tmp_path):
         capture_output=True, text=True, cwd=REPO_ROOT,
     )  # fmt: skip
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_minimind3_rank16_on_square_linears_merges_and_exports_to_qwen3(shared_fixtures, tmp_path):
+    """MiniMind-3's default adapter (rank 16 on the square Linears), merged with `convert merge-lora` into a
+    MiniMind-3 model that `convert hf2qwen3` exports; the Qwen3 export gives the merged model's logits."""
+    from transformers import Qwen3ForCausalLM
+
+    from minimind_hf import MiniMind3ForCausalLM
+    from minimind_hf.convert import main as convert
+    from minimind_hf.testing import save_minimind3_dir, tiny_minimind3_model
+
+    tokenizer_dir = shared_fixtures / "minimind3_reference" / "tokenizer"
+    base = save_minimind3_dir(tiny_minimind3_model(), tmp_path / "base", tokenizer_dir)
+    recipe = write_lora_recipe(
+        tmp_path, base, tokenizer_name_or_path=str(tokenizer_dir), config_overrides="", max_length=128
+    )
+    lora.main(["--config", str(recipe)])
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (16, 16, ["o_proj", "q_proj"])
+
+    convert(["merge-lora", str(tmp_path / "out"), str(tmp_path / "merged")])
+    merged = load_model(tmp_path / "merged")
+    assert isinstance(merged, MiniMind3ForCausalLM)
+    before = load_model(base).state_dict()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith(("q_proj.weight", "o_proj.weight")) for k in changed)
+
+    convert(["hf2qwen3", str(tmp_path / "merged"), str(tmp_path / "qwen3")])
+    qwen3 = Qwen3ForCausalLM.from_pretrained(tmp_path / "qwen3").eval()
+    ids = torch.tensor([[1, 300, 301, 302, 2]])
+    with torch.no_grad():
+        assert torch.allclose(qwen3(ids).logits, merged.eval()(ids).logits, atol=1e-5)

@@ -3,20 +3,33 @@
     python recipes/dpo.py --config recipes/dpo.yaml
     torchrun --nproc_per_node 2 recipes/dpo.py --config recipes/dpo.yaml --beta 0.2
 
-Every key belongs to `DPOArguments` (below: the project's keys plus `ref_model_name_or_path`) or to
-TRL's `DPOConfig`. The default `loss_type: sigmoid_norm` is the original's loss (mean log-probs over every
-assistant turn); `loss_type: sigmoid` is TRL's standard DPO on summed log-probs. All input is checked first.
+Every key belongs to `DPOArguments` (below: the project's keys plus `ref_model_name_or_path`,
+`dpo_logprob_reduction`) or to TRL's `DPOConfig`. All input is checked first.
 
-The original's loss is `-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` where each log-prob is the MEAN over
-that sequence's supervised tokens, and the supervised tokens follow the SFT rule: every assistant turn's content,
-its `<|im_end|>` and the `\\n` after it, in earlier turns too. Two things make `DPOTrainer` compute exactly that:
+The original's loss is `-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`, the supervised tokens following the
+SFT rule: every assistant turn's content, its `<|im_end|>` and the `\\n` after it, in earlier turns too. The two
+generations of the original differ in how a sequence's log-prob is reduced, in beta and in the MoE loss:
 
-- `loss_type: sigmoid_norm`, TRL's own: it divides each side's summed log-ratio by that side's number of completion
-  tokens. Policy and reference share the mask, so `(sum pi_c - sum ref_c) / n_c` is `mean pi_c - mean ref_c`, and
-  the loss is the original's term for term. This is picked over `ld_alpha` (which weights a tail, it does not
-  average) and over overriding `compute_loss` (TRL's is several hundred lines). `loss_type: sigmoid` is TRL's
-  standard summed-log-prob DPO. TRL logs `rewards/chosen|rejected|margins|accuracies` and `logps/*` from the summed
-  log-ratios in both cases: a loss stuck at log 2 = 0.693 shows there as margins at 0 and accuracies at 0.5 or 0.
+| | MiniMind2 (`train_dpo.py` of the seed) | MiniMind-3 (today's `train_dpo.py`) |
+|---|---|---|
+| `dpo_logprob_reduction` | `mean` over supervised tokens (`loss_type: sigmoid_norm`) | `sum` (`loss_type: sigmoid`) |
+| `beta` | 0.1 | 0.15 |
+| MoE balance loss | not added | the policy's `aux_loss` is added (training steps) |
+
+`dpo_logprob_reduction` and `beta` left unset (null) follow the policy model's generation; either can be set for any
+model. An explicit `loss_type` must agree with `dpo_logprob_reduction` when both are set; another TRL loss type
+(`ipo`, ...) keeps its own meaning and takes no reduction. Two things make `DPOTrainer` compute the loss:
+
+- `loss_type: sigmoid` (sum) or `sigmoid_norm` (mean), TRL's own; `sigmoid_norm` divides each side's summed
+  log-ratio by that side's number of completion tokens. Policy and reference share the mask, so
+  `(sum pi_c - sum ref_c) / n_c` is `mean pi_c - mean ref_c`, and the loss is the original's term for term. This
+  is picked over `ld_alpha` (which weights a tail, it does not average) and over overriding `compute_loss` (TRL's
+  is several hundred lines). `loss_type: sigmoid` is TRL's standard summed-log-prob DPO. TRL logs
+  `rewards/chosen|rejected|margins|accuracies` and `logps/*` from the summed log-ratios in both cases: a loss
+  stuck at log 2 = 0.693 shows there as margins at 0 and accuracies at 0.5 or 0.
+- `MiniMindDPOTrainer` adds MiniMind-3's balance loss: TRL's fused LM head computes Mixtral's formula, and only for
+  configs with `output_router_logits`, so the policy backbone's router logits are captured by a forward hook
+  instead and scored with the model's own `minimind3_aux_loss` (as the original adds `outputs.aux_loss`).
 - `PreferenceCollator`, passed as the trainer's `data_collator`: TRL's collator (truncation, padding), with
   `completion_mask` recomputed over the whole sequence by the SFT rule. TRL's own mask covers only what follows the
   prompt shared by chosen and rejected, i.e. the last assistant turn.
@@ -29,6 +42,7 @@ log-prob would be 0/0 (no supervised token within `max_length`: the original's N
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +65,12 @@ from ..data import (
 )
 from ..errors import ModelSourceError, RecipeError
 from ..loading import source_kind
+from ..modeling_minimind3 import minimind3_aux_loss
 from ..tokenizer import BOS_TOKEN, EOS_TOKEN
 from ..training import MiniMindArguments, Stage, load_recipe_model, run_cli, run_recipe
+from .moe import capture_router_logits, has_minimind3_moe, model_generation
+
+logger = logging.getLogger("minimind_hf")
 
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES})
@@ -166,17 +184,37 @@ class PreferenceCollator(DataCollatorForPreference):
         return batch
 
 
+# What each generation of the original does where the two differ (see the module doc).
+REDUCTION_BY_GENERATION = {2: "mean", 3: "sum"}
+BETA_BY_GENERATION = {2: 0.1, 3: 0.15}
+LOSS_TYPE_BY_REDUCTION = {"mean": "sigmoid_norm", "sum": "sigmoid"}
+
+
 @dataclass
 class DPOArguments(MiniMindArguments):
-    """The project's keys plus the reference model."""
+    """The project's keys plus the reference model and the log-prob reduction."""
 
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "the frozen reference, any model source (the policy's sizes); default: the policy's start"},
     )
+    dpo_logprob_reduction: str | None = field(
+        default=None,
+        metadata={
+            "help": "a sequence's log-prob: mean over its supervised tokens (MiniMind2) or sum (MiniMind-3); "
+            "null: the policy model's generation"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.dpo_logprob_reduction, str) and self.dpo_logprob_reduction.lower() in ("null", "none"):
+            self.dpo_logprob_reduction = None
+        if self.dpo_logprob_reduction not in (None, *LOSS_TYPE_BY_REDUCTION):
+            raise RecipeError(
+                f"dpo_logprob_reduction must be mean, sum or null (by model generation), "
+                f"not {self.dpo_logprob_reduction!r}"
+            )
         if self.ref_model_name_or_path is not None:
             try:
                 source_kind(self.ref_model_name_or_path)
@@ -199,6 +237,63 @@ def load_reference(args: DPOArguments, model: torch.nn.Module) -> torch.nn.Modul
     return reference.eval().requires_grad_(False)
 
 
+def check_loss_keys(args: DPOArguments, training_args: DPOConfig) -> None:
+    """An explicit `loss_type` that contradicts `dpo_logprob_reduction`, or a beta <= 0, is an error before any work."""
+    if training_args.beta is not None and training_args.beta <= 0:
+        raise RecipeError(f"beta must be > 0, not {training_args.beta}")
+    if args.dpo_logprob_reduction is None or training_args.loss_type is None:
+        return
+    wanted = LOSS_TYPE_BY_REDUCTION[args.dpo_logprob_reduction]
+    if list(training_args.loss_type) != [wanted]:
+        raise RecipeError(
+            f"dpo_logprob_reduction: {args.dpo_logprob_reduction} is loss_type {wanted}, but loss_type is "
+            f"{','.join(training_args.loss_type)}: set one of them (another loss type takes no reduction)"
+        )
+
+
+def resolve_generation_defaults(model: torch.nn.Module, args: DPOArguments, training_args: DPOConfig) -> None:
+    """`loss_type` (from `dpo_logprob_reduction`) and `beta` where the recipe left them null: the model's
+    generation decides (see the module doc). Logged, so a run says which DPO it is."""
+    generation = model_generation(model)
+    if training_args.loss_type is None:
+        reduction = args.dpo_logprob_reduction or REDUCTION_BY_GENERATION[generation]
+        training_args.loss_type = [LOSS_TYPE_BY_REDUCTION[reduction]]
+    if training_args.beta is None:
+        training_args.beta = BETA_BY_GENERATION[generation]
+    logger.info(
+        "DPO of a MiniMind%s model: loss_type %s, beta %s%s",
+        "-3" if generation == 3 else "2",
+        ",".join(training_args.loss_type),
+        training_args.beta,
+        ", plus the MoE balance loss" if generation == 3 and getattr(model.config, "use_moe", False) else "",
+    )
+
+
+class MiniMindDPOTrainer(DPOTrainer):
+    """`DPOTrainer` that adds a MiniMind-3 MoE policy's balance loss on training steps (see the module doc).
+
+    The hook asks the backbone for its router logits and keeps them; only the policy's backbone carries it, so the
+    reference model's forward is untouched.
+    """
+
+    add_moe_aux_loss: bool = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_router_logits(unwrapped, self.add_moe_aux_loss and model.training) as router_logits:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not router_logits:
+            return result
+        if len(router_logits) != 1:
+            raise RuntimeError(f"expected one policy forward per DPO step, saw {len(router_logits)}")
+        aux_loss = minimind3_aux_loss(router_logits[0], unwrapped.config)
+        self._metrics["train"]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        if return_outputs:
+            loss, outputs = result
+            return loss + aux_loss, outputs
+        return result + aux_loss
+
+
 def build_dpo_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -208,14 +303,16 @@ def build_dpo_trainer(
     callbacks: tuple[TrainerCallback, ...] | list[TrainerCallback] = (),
     args: DPOArguments | None = None,
 ) -> DPOTrainer:
-    """TRL's `DPOTrainer` with the reference model and the SFT-rule mask (see the module doc)."""
+    """TRL's `DPOTrainer` with the reference model, the SFT-rule mask and the model generation's loss (see the
+    module doc)."""
+    resolve_generation_defaults(model, args, training_args)
     collator = PreferenceCollator.for_tokenizer(
         tokenizer,
         max_length=training_args.max_length,
         truncation_mode=training_args.truncation_mode,
         pad_to_multiple_of=training_args.pad_to_multiple_of,
     )
-    return DPOTrainer(
+    trainer = MiniMindDPOTrainer(
         model=model,
         ref_model=load_reference(args, model),
         args=training_args,
@@ -225,12 +322,16 @@ def build_dpo_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    trainer.add_moe_aux_loss = has_minimind3_moe(model)
+    return trainer
 
 
 def load_datasets(
     args: DPOArguments, training_args: DPOConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, Dataset | None]:
-    """Preference pairs as TRL's conversational `chosen` / `rejected`; TRL finds the shared prompt and tokenizes."""
+    """Preference pairs as TRL's conversational `chosen` / `rejected`; TRL finds the shared prompt and tokenizes.
+    The loss keys are checked here, the stage's hook that runs before any work."""
+    check_loss_keys(args, training_args)
 
     def load(paths):
         return load_dpo_dataset(
@@ -248,8 +349,9 @@ DPO = Stage(
     build_trainer=build_dpo_trainer,
     defaults={
         "data_path": ["data/dpo.jsonl"],
-        "loss_type": ["sigmoid_norm"],
-        "beta": 0.1,
+        # null: by the policy's generation (`resolve_generation_defaults`).
+        "loss_type": None,
+        "beta": None,
         "learning_rate": 4e-8,
         "per_device_train_batch_size": 4,
         "num_train_epochs": 1,

@@ -15,27 +15,64 @@ Rows (JSON Lines), validated line by line with `file:line` errors like SFT data 
 The prompt is every message before the last (assistant) one, rendered with the generation prompt. Each row becomes
 `prompt` (messages), `answer` (None for RLAIF rows), `solution` (the same, the column TRL's accuracy rewards read),
 `task` and `reference` (the last assistant message); every column but `prompt` reaches the reward functions.
+
+Defaults by the policy's generation, where the recipe leaves a key null (`resolve_generation_defaults`):
+
+| key | MiniMind2 (the seed's `train_grpo.py`) | MiniMind-3 (today's `train_grpo.py`) |
+|---|---|---|
+| `loss_type` | `grpo` | `cispo` |
+| `beta` | 0.02 | 0.1 |
+| `epsilon_high` | `epsilon` (0.2) | 5.0 with `cispo` (the cap on the ratio), `epsilon` with `grpo` |
+| `thinking_ratio` | off (MiniMind2's template has no `open_thinking`) | 0.9 |
+| MoE balance loss | not added | added (MiniMind-3's `aux_loss`) |
+
+`num_generations` (8) is TRL's and checked against the batch size when the recipe is parsed, before the model is
+known: a MiniMind-3 recipe sets 6 (recipes/grpo_minimind3.yaml). `thinking_ratio` is the share of prompts rendered
+with the MiniMind-3 template's `open_thinking`: drawn once per row with the seed, and the prompt then goes to TRL
+as rendered text (its messages stay in `prompt_messages` for a reward model).
+
+`grpo_loss_averaging`: `sequence` (the original's: each sequence's per-token loss averaged over its completion
+tokens, then over sequences) or `trl` (whatever TRL does for `loss_type`). For `loss_type: grpo` TRL already averages
+per sequence; its `cispo` averages over all tokens of the batch, and no TRL option gives per-sequence CISPO, so
+`sequence` (the default) makes `MiniMindGRPOTrainer.compute_loss` compute the loss itself for `grpo` and `cispo`:
+
+    ratio = exp(logp - old_logp), KL = exp(ref - logp) - (ref - logp) - 1
+    grpo:  -(min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) - beta * KL)
+    cispo: -(stopgrad(min(ratio, eps_high)) * A * logp - beta * KL)
+
+plus the MoE balance loss of a MiniMind-3 policy. The KL term is the original's: TRL's `use_bias_correction_kl`
+(on by default, it multiplies the KL by the ratio) does not apply to this path. TRL's options this path does not
+implement (sequence-level importance sampling, entropy masks and bonus, off-policy masks, vLLM correction) are
+refused with it.
+
+The reward model (`reward_model_name_or_path`) is `rewards.RewardModelScore`: a local sequence classifier or a local
+remote-code model with `get_score` (InternLM2-1.8B-Reward), scoring the answer after `</think>`, clipped to
++-`reward_model_clip`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset, Features, List, Value
 from safetensors.torch import save_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import GRPOConfig, GRPOTrainer
 
 from ..data import InvalidRecord, conversation_messages, load_records, register_format
 from ..errors import RecipeError
 from ..loading import source_kind
-from ..rewards import resolve_reward_funcs
+from ..modeling_minimind3 import minimind3_aux_loss
+from ..rewards import RewardModelScore, resolve_reward_funcs
 from ..training import MiniMindArguments, Stage, run_cli, run_recipe
+from .moe import capture_router_logits, has_minimind3_moe, model_generation
 
 logger = logging.getLogger("minimind_hf")
 
@@ -95,10 +132,34 @@ class GRPOArguments(MiniMindArguments):
         },
     )
 
+    thinking_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of prompts rendered with open_thinking (MiniMind-3's template), drawn per row with the "
+            "seed; null: 0.9 with a template that has open_thinking, else off"
+        },
+    )
+    grpo_loss_averaging: str | None = field(
+        default=None,
+        metadata={
+            "help": "sequence (the original: per sequence, then over sequences; grpo and cispo) or trl (TRL's own "
+            "for loss_type); null: sequence for grpo and cispo, trl otherwise"
+        },
+    )
+    reward_model_clip: float | None = field(
+        default=3.0, metadata={"help": "the reward model's score is clipped to +-this (MiniMind-3: 3); null: not"}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
+        if self.thinking_ratio is not None and not 0.0 <= self.thinking_ratio <= 1.0:
+            raise RecipeError(f"thinking_ratio must be between 0 and 1 (or null), not {self.thinking_ratio}")
+        if self.grpo_loss_averaging not in (None, "sequence", "trl"):
+            raise RecipeError(f"grpo_loss_averaging must be sequence, trl or null, not {self.grpo_loss_averaging!r}")
+        if self.reward_model_clip is not None and self.reward_model_clip <= 0:
+            raise RecipeError(f"reward_model_clip must be > 0 (or null), not {self.reward_model_clip}")
 
 
 def _prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, template_kwargs: dict):
@@ -137,9 +198,70 @@ def check_reward_model(path: str) -> None:
             raise RecipeError(f"reward_model_name_or_path {path}: no {needed} ({what} is needed)")
 
 
+# What each generation of the original trains with where they differ (see the module doc).
+LOSS_TYPE_BY_GENERATION = {2: "grpo", 3: "cispo"}
+BETA_BY_GENERATION = {2: 0.02, 3: 0.1}
+CISPO_EPSILON_HIGH = 5.0
+DEFAULT_THINKING_RATIO = 0.9
+# The options of TRL's loss that `MiniMindGRPOTrainer`'s own (sequence-averaged) loss does not implement, with
+# their neutral values.
+_TRL_ONLY_OPTIONS = {
+    "importance_sampling_level": "token",
+    "top_entropy_quantile": 1.0,
+    "off_policy_mask_threshold": None,
+    "delta": None,
+    "use_vllm": False,
+}
+
+
+def takes_open_thinking(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template renders MiniMind-3's `open_thinking` generation prompt."""
+    return "open_thinking" in (tokenizer.chat_template or "")
+
+
+def check_loss_keys(args: GRPOArguments, training_args: GRPOConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The new keys against each other and the tokenizer, before any work (one-line errors)."""
+    if args.thinking_ratio is not None and not takes_open_thinking(tokenizer):
+        raise RecipeError(
+            "thinking_ratio needs a chat template with open_thinking (MiniMind-3's); this tokenizer's has none"
+        )
+    if training_args.loss_type is not None and training_args.loss_type not in ("grpo", "cispo"):
+        if args.grpo_loss_averaging == "sequence":
+            raise RecipeError(
+                f"grpo_loss_averaging: sequence applies to loss_type grpo and cispo, not {training_args.loss_type}"
+            )
+    if args.grpo_loss_averaging != "trl":
+        for key, neutral in _TRL_ONLY_OPTIONS.items():
+            if getattr(training_args, key, neutral) != neutral:
+                raise RecipeError(
+                    f"{key}: {getattr(training_args, key)} is not implemented by the original's sequence-averaged "
+                    "loss; set grpo_loss_averaging: trl to use TRL's loss"
+                )
+    if training_args.beta is not None and training_args.beta < 0:
+        raise RecipeError(f"beta must be >= 0, not {training_args.beta}")
+
+
+def render_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, ratio: float, seed: int) -> Dataset:
+    """Each row's prompt rendered as text, with `open_thinking` drawn with probability `ratio` (one draw per row,
+    from `seed`); the messages move to `prompt_messages`, the draw to `open_thinking`."""
+    draws = random.Random(seed)
+    thinking = [draws.random() < ratio for _ in range(len(dataset))]
+
+    def render(row: dict, index: int) -> dict:
+        text = tokenizer.apply_chat_template(
+            row["prompt"], tokenize=False, add_generation_prompt=True, open_thinking=thinking[index]
+        )
+        return {"prompt_text": text, "open_thinking": thinking[index]}
+
+    dataset = dataset.map(render, with_indices=True)
+    dataset = dataset.rename_column("prompt", "prompt_messages")
+    return dataset.rename_column("prompt_text", "prompt")
+
+
 def load_datasets(args: GRPOArguments, training_args: GRPOConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
-    """The prompt datasets; the reward names and the reward model directory are checked here too, since this is
-    the stage's hook that runs before the model is loaded."""
+    """The prompt datasets; the reward names, the new keys and the reward model directory are checked here too,
+    since this is the stage's hook that runs before the model is loaded."""
+    check_loss_keys(args, training_args, tokenizer)
     try:
         resolve_reward_funcs(args.reward_funcs, training_args)
     except ValueError as err:
@@ -158,16 +280,92 @@ def load_datasets(args: GRPOArguments, training_args: GRPOConfig, tokenizer: Pre
             chat_template_kwargs=training_args.chat_template_kwargs,
         )
 
-    return load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+    train, evaluation = load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+    ratio = args.thinking_ratio
+    if ratio is None and takes_open_thinking(tokenizer):
+        ratio = DEFAULT_THINKING_RATIO
+    if ratio is not None:
+        train = render_prompts(train, tokenizer, ratio, training_args.seed)
+        evaluation = None if evaluation is None else render_prompts(evaluation, tokenizer, ratio, training_args.seed)
+    return train, evaluation
 
 
-def _reward_model(path: str):
-    """The reward model and its tokenizer; TRL scores the last non-padding token, so a pad token is needed."""
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+def resolve_generation_defaults(model, args: GRPOArguments, training_args: GRPOConfig) -> None:
+    """`loss_type`, `beta`, `epsilon_high` and `grpo_loss_averaging` where the recipe left them null: the policy's
+    generation decides (see the module doc). Logged, so a run says which GRPO it is."""
+    generation = model_generation(model)
+    if training_args.loss_type is None:
+        training_args.loss_type = LOSS_TYPE_BY_GENERATION[generation]
+    if training_args.beta is None:
+        training_args.beta = BETA_BY_GENERATION[generation]
+    if training_args.epsilon_high is None and training_args.loss_type == "cispo":
+        training_args.epsilon_high = CISPO_EPSILON_HIGH
+    if args.grpo_loss_averaging is None:
+        args.grpo_loss_averaging = "sequence" if training_args.loss_type in ("grpo", "cispo") else "trl"
+    if args.grpo_loss_averaging == "sequence" and training_args.loss_type not in ("grpo", "cispo"):
+        raise RecipeError(
+            f"grpo_loss_averaging: sequence applies to loss_type grpo and cispo, not {training_args.loss_type}"
+        )
+    logger.info(
+        "GRPO of a MiniMind%s model: loss_type %s, beta %s, epsilon_high %s, averaged by %s",
+        "-3" if generation == 3 else "2",
+        training_args.loss_type,
+        training_args.beta,
+        training_args.epsilon_high,
+        args.grpo_loss_averaging,
+    )
+
+
+class MiniMindGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` with the original's per-sequence averaging for `grpo` and `cispo` and MiniMind-3's MoE
+    balance loss, in the public `compute_loss` (see the module doc). With `sequence_averaging` off it is TRL's."""
+
+    sequence_averaging: bool = False
+    add_moe_aux_loss: bool = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.sequence_averaging:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            raise ValueError("The GRPOTrainer does not support returning outputs")
+        mode = "train" if model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        n = completion_ids.size(1)
+        # Only completion tokens are scored; TRL's fused LM head (temperature-scaled, as for the old and reference
+        # log-probs TRL computed) returns their log-probs without the full logits.
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-n] = -100
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_router_logits(unwrapped, self.add_moe_aux_loss and model.training) as router_logits:
+            with self.accelerator.autocast():
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        logps = outputs.log_probs[:, -n:]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        ratio = torch.exp(logps - old)
+        if self.loss_type == "cispo":
+            per_token = -torch.clamp(ratio, max=self.epsilon_high).detach() * advantages * logps
+        else:
+            clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+            per_token = -torch.min(ratio * advantages, clipped * advantages)
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            per_token = per_token + self.beta * kl
+            mean_kl = (kl * mask).sum() / mask.sum().clamp(min=1.0)
+            self._metrics[mode]["kl"].append(self.accelerator.gather(mean_kl.detach()).nanmean().item())
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        if router_logits:
+            aux_loss = minimind3_aux_loss(router_logits[0], unwrapped.config)
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
+            loss = loss + aux_loss
+        # As TRL's own `grpo` loss: the accumulated micro-batches' losses are summed by backward.
+        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
 
 
 class _ReferenceDirectory:
@@ -206,26 +404,29 @@ def build_grpo_trainer(
     callbacks: list[TrainerCallback] = (),
     args: GRPOArguments | None = None,
 ) -> GRPOTrainer:
-    """TRL's `GRPOTrainer` with the recipe's rewards: the reward model first (when given), then `reward_funcs`."""
-    reward_funcs, reward_tokenizers = [], []
+    """TRL's `GRPOTrainer` with the recipe's rewards (the reward model first, when given, then `reward_funcs`) and
+    the model generation's loss (see the module doc)."""
+    resolve_generation_defaults(model, args, training_args)
+    reward_funcs = []
     if args.reward_model_name_or_path:
-        reward_model, reward_tokenizer = _reward_model(args.reward_model_name_or_path)
-        reward_funcs.append(reward_model)
-        reward_tokenizers.append(reward_tokenizer)
-    functions = resolve_reward_funcs(args.reward_funcs, training_args)
-    reward_funcs += functions
-    reward_tokenizers += [None] * len(functions)
+        try:
+            reward_funcs.append(RewardModelScore(args.reward_model_name_or_path, clip=args.reward_model_clip))
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"reward_model_name_or_path {args.reward_model_name_or_path}: {err}") from err
+    reward_funcs += resolve_reward_funcs(args.reward_funcs, training_args)
     with _ReferenceDirectory(model, args.model_name_or_path, needed=training_args.beta != 0.0):
-        return GRPOTrainer(
+        trainer = MiniMindGRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            reward_processing_classes=reward_tokenizers,
             callbacks=list(callbacks),
         )
+    trainer.sequence_averaging = args.grpo_loss_averaging == "sequence"
+    trainer.add_moe_aux_loss = has_minimind3_moe(model)
+    return trainer
 
 
 # The original's defaults (train_grpo.py) where they differ from GRPOConfig's and the project's.
@@ -241,10 +442,11 @@ GRPO = Stage(
         "num_train_epochs": 1,
         "per_device_train_batch_size": 16,
         "num_generations": 8,
-        "beta": 0.02,
         "temperature": 0.8,
         "max_completion_length": 1536,
-        "loss_type": "grpo",
+        # null: by the policy's generation (`resolve_generation_defaults`).
+        "beta": None,
+        "loss_type": None,
         "logging_steps": 1,
         "save_steps": 10,
         "pth_weight_name": "grpo",

@@ -10,9 +10,11 @@ merged model.
 
 The defaults are the original's adapter (`model/model_lora.py`): it adds `B(A(x))`, unscaled, to every `nn.Linear`
 whose weight is square (`q_proj` and `o_proj`; also `k_proj` and `v_proj` when there are as many KV heads as heads),
-with `A ~ N(0, 0.02)` and `B = 0`, rank 8. In PEFT terms that is `LoraConfig(r=8, lora_alpha=8, lora_dropout=0,
-target_modules=<those>)` plus the init of A, which no PEFT `init_lora_weights` option gives (`"gaussian"` draws
-with std 1/r), so `init_lora_like_minimind` sets it. The original's adapter files are `formats/lora_pth.py`.
+with `A ~ N(0, 0.02)` and `B = 0`, rank 8 for MiniMind2 and 16 for MiniMind-3 (`lora_r` null: by the base model's
+generation; at MiniMind-3's 768 wide, 8 heads, 4 KV heads the square Linears are `q_proj` and `o_proj`). In PEFT
+terms that is `LoraConfig(r=8, lora_alpha=8, lora_dropout=0, target_modules=<those>)` plus the init of A, which no
+PEFT `init_lora_weights` option gives (`"gaussian"` draws with std 1/r), so `init_lora_like_minimind` sets it. The
+original's adapter files are `formats/lora_pth.py`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from torch import nn
 from ..errors import RecipeError
 from ..formats.lora_pth import save_lora_pth, set_base_model
 from ..training import MiniMindArguments, run_cli, run_recipe
+from .moe import model_generation
 from .sft import SFT, build_sft_trainer
 
 MINIMIND_INIT_STD = 0.02
+# The original's default rank in each generation (`train_lora.py`).
+RANK_BY_GENERATION = {2: 8, 3: 16}
 
 
 def square_linear_modules(model: nn.Module) -> list[str]:
@@ -91,7 +96,9 @@ def init_lora_like_minimind(model: PeftModel, std: float = MINIMIND_INIT_STD, se
 class LoraArguments(MiniMindArguments):
     """The SFT keys plus the adapter's, named as in TRL's `ModelConfig`."""
 
-    lora_r: int = field(default=8, metadata={"help": "adapter rank (the original's rank=8)"})
+    lora_r: int | None = field(
+        default=None, metadata={"help": "adapter rank; null: the original's, 8 for MiniMind2, 16 for MiniMind-3"}
+    )
     lora_alpha: float | None = field(default=None, metadata={"help": "scaling alpha/r; default r: B·A·x unscaled"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (the original: none)"})
     lora_target_modules: list[str] | None = field(
@@ -106,7 +113,7 @@ class LoraArguments(MiniMindArguments):
         super().__post_init__()
         if self.model_name_or_path is None:
             raise RecipeError("model_name_or_path: LoRA adapts an existing model; name the one to adapt")
-        if self.lora_r < 1:
+        if self.lora_r is not None and self.lora_r < 1:
             raise RecipeError(f"lora_r must be at least 1, not {self.lora_r}")
         if isinstance(self.lora_target_modules, list) and self.lora_target_modules == ["all-linear"]:
             self.lora_target_modules = "all-linear"
@@ -119,6 +126,8 @@ def build_lora_trainer(model, tokenizer, training_args, train_dataset, eval_data
     original's init before the Trainer sees it, and a run restored at its last step (`finished_model`) already
     arrives as a `PeftModel`; both then take the one SFT path.
     """
+    if args.lora_r is None:
+        args.lora_r = RANK_BY_GENERATION[model_generation(model)]
     if not isinstance(model, PeftModel):
         try:
             config = lora_config(
