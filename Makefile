@@ -36,7 +36,8 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "torch==2.13.0" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(transformers|trl|peft|datasets|accelerate|tokenizers|fastapi|openai) "
 	SWANLAB_MODE=disabled $(LATEST)/bin/python -m pytest -q tests
 
