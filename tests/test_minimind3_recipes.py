@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from transformers import AutoTokenizer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from minimind_hf import MiniMind3ForCausalLM
 from minimind_hf.chat_templates import MINIMIND3_CHAT_TEMPLATE
@@ -272,14 +273,21 @@ MOE = {
 }
 
 
+def router_logits(router_inputs: list[torch.Tensor], model: MiniMind3ForCausalLM) -> list[torch.Tensor]:
+    """Each MoE layer's router logits (float64), from the hidden states its router was given."""
+    return [
+        hidden.reshape(-1, model.config.hidden_size).double() @ layer.mlp.gate.weight.double().T
+        for layer, hidden in zip(model.model.layers, router_inputs, strict=True)
+    ]
+
+
 def original_router_loss(router_inputs: list[torch.Tensor], model: MiniMind3ForCausalLM) -> float:
     """The original's router balance loss, written out from spec section 7: per MoE layer
     `coef * E * sum_i f_i * P_i`, with P_i the mean probability of expert i over every token of the batch and f_i,
     summed over the k choice slots, the share of tokens choosing i; the layers' terms summed."""
     config = model.config
     total = 0.0
-    for layer, hidden in zip(model.model.layers, router_inputs, strict=True):
-        logits = hidden.reshape(-1, config.hidden_size).double() @ layer.mlp.gate.weight.double().T
+    for logits in router_logits(router_inputs, model):
         probs = logits.softmax(-1)
         chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
         for i in range(config.num_experts):
@@ -315,8 +323,15 @@ def test_moe_logs_the_originals_router_loss(reference, tmp_path, datasets_cache)
     for hook in hooks:
         hook.remove()
     by_hand = original_router_loss(router_inputs, model)
-    print(f"aux_loss: logged {logged['aux_loss']:.8f}, the original's formula by hand {by_hand:.8f}")
     assert logged["aux_loss"] == pytest.approx(by_hand, rel=1e-5)
+    # Not transformers' Qwen3-MoE loss, which concatenates the layers rather than summing their terms.
+    config = model.config
+    qwen3_moe = load_balancing_loss_func(
+        tuple(router_logits(router_inputs, model)), config.num_experts, config.num_experts_per_tok
+    )
+    qwen3_moe = config.router_aux_loss_coef * qwen3_moe.item()
+    print(f"aux_loss: logged {logged['aux_loss']:.8f}, by hand {by_hand:.8f}, Qwen3-MoE's formula {qwen3_moe:.8f}")
+    assert qwen3_moe != pytest.approx(by_hand, rel=1e-2)
     # The loss the optimizer saw is the LM loss plus the router loss, both logged apart.
     assert logged["loss"] == pytest.approx(logged["lm_loss"] + logged["aux_loss"], rel=1e-4)
 
