@@ -27,6 +27,9 @@ from minimind_hf.formats.minimind3_pth import minimind3_pth_state
 from minimind_hf.formats.qwen3 import to_qwen3
 from minimind_hf.loading import load_model
 from minimind_hf.stages import pretrain, sft
+from minimind_hf.stages.dpo import DPO
+from minimind_hf.stages.grpo import GRPO
+from minimind_hf.stages.lora import LORA
 from minimind_hf.testing import REPO_ROOT, final_weights, record_batches, write_jsonl
 from minimind_hf.training import parse_recipe
 
@@ -374,3 +377,24 @@ def test_moe_trains_under_torchrun_with_no_unused_parameter_error(reference, tmp
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "minimind3" and config["use_moe"] is True
     assert type(load_model(tmp_path / "out")) is MiniMind3ForCausalLM
+
+
+def test_the_other_stage_recipes_carry_the_originals_defaults():
+    """DPO, GRPO and LoRA as the original's MiniMind-3 programs run them (spec section 7's table)."""
+    common = {"hidden_size": 768, "num_hidden_layers": 8, "minimind_version": 3, "chat_template": "minimind3"}
+    wanted = {
+        "dpo": (DPO, {**common, "dpo_logprob_reduction": "sum", "beta": 0.15, "learning_rate": 4e-8,
+                      "per_device_train_batch_size": 4, "max_length": 1024}),
+        "grpo": (GRPO, {**common, "loss_type": "cispo", "beta": 0.1, "num_generations": 6, "epsilon": 0.2,
+                        "epsilon_high": 5.0, "learning_rate": 3e-7, "max_prompt_length": 768,
+                        "max_completion_length": 1024, "temperature": 0.8, "thinking_ratio": 0.9,
+                        "reward_funcs": ["minimind3_reward"], "grpo_loss_averaging": "sequence"}),
+        "lora": (LORA, {**common, "lora_r": 16, "learning_rate": 1e-4, "num_train_epochs": 10, "max_length": 340}),
+    }  # fmt: skip
+    for name, (stage, keys) in wanted.items():
+        args, training_args = parse_recipe(
+            (stage.arguments_class, stage.config_class), ["--config", str(RECIPES / f"{name}.yaml")], stage.defaults
+        )
+        for key, value in keys.items():
+            assert getattr(args, key, getattr(training_args, key, None)) == value, (name, key)
+        assert training_args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}

@@ -27,7 +27,7 @@ Defaults by the policy's generation, where the recipe leaves a key null (`resolv
 | MoE balance loss | not added | added (MiniMind-3's `aux_loss`) |
 
 `num_generations` (8) is TRL's and checked against the batch size when the recipe is parsed, before the model is
-known: a MiniMind-3 recipe sets 6 (recipes/grpo_minimind3.yaml). `thinking_ratio` is the share of prompts rendered
+known: a MiniMind-3 recipe sets 6 (recipes/minimind3/grpo.yaml). `thinking_ratio` is the share of prompts rendered
 with the MiniMind-3 template's `open_thinking`: drawn once per row with the seed, and the prompt then goes to TRL
 as rendered text (its messages stay in `prompt_messages` for a reward model).
 
