@@ -40,6 +40,7 @@ from .errors import MiniMindError
 from .formats.llama import llama_config, to_llama
 from .formats.lora_pth import load_lora_pth, save_lora_pth, set_base_model
 from .formats.minimind3_pth import minimind3_pth_state
+from .formats.precision import narrow_model
 from .formats.pth import save_pth
 from .formats.qwen3 import to_qwen3
 from .loading import adapter_base, load_model, source_kind, tokenizer_source
@@ -82,7 +83,9 @@ def _tokenizer_for(args: argparse.Namespace, required: bool):
 
 
 def _load(args: argparse.Namespace) -> MiniMindForCausalLM:
-    return load_model(args.source, dtype=getattr(torch, args.dtype), **sizes_from_args(args))
+    """The source at full precision, then cast to `--dtype` only if no weight overflows it (`precision.narrow`)."""
+    model = load_model(args.source, **sizes_from_args(args))
+    return narrow_model(model, getattr(torch, args.dtype), f"--dtype {args.dtype}")
 
 
 def _write_model_dir(out_dir: Path, write: Callable[[Path], object], tokenizer) -> Path:

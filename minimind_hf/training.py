@@ -135,6 +135,24 @@ class MiniMindArguments:
                 setattr(self, key, None)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the last
+    value, so `learning_rate` written twice would train with the one further down, whatever the reader saw first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise RecipeError(
+                    f"{key_node.start_mark.name}:{line}: key '{key}' is given twice (lines {seen[key]} and {line}); "
+                    "keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _known_keys(dataclass_types: tuple[type, ...]) -> set[str]:
     return {f.name for dc in dataclass_types for f in fields(dc)}
 
@@ -165,7 +183,8 @@ def parse_recipe(
         if not config_path.is_file():
             raise RecipeError(f"recipe file {config_path} does not exist")
         try:
-            recipe = yaml.safe_load(config_path.read_text())
+            with config_path.open(encoding="utf-8") as stream:  # the stream's name goes into the error's position
+                recipe = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
