@@ -26,8 +26,15 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from trl import SFTConfig, TrlParser
 
-from . import checks, run_dir
-from .callbacks import NonFiniteGuard, SealCheckpointCallback, raise_if_diverged, start_swanlab, write_swanlab_run_id
+from . import checks, guards, run_dir
+from .callbacks import (
+    NonFiniteGuard,
+    NoSignalGuard,
+    SealCheckpointCallback,
+    raise_if_diverged,
+    start_swanlab,
+    write_swanlab_run_id,
+)
 from .checkpointing import (
     begin_final,
     check_checkpoint_fits,
@@ -244,6 +251,8 @@ class Stage:
     defaults: dict[str, Any] = field(default_factory=dict)
     finished_model: Callable[[Any, str, Any], Any] | None = None
     write_pth: Callable[[Any, Path], Path] = save_pth
+    # The stage's own value checks (beta, num_generations, lora_r, ...), run with `checks.check_recipe`.
+    check: Callable[[Any, Any], None] | None = None
 
 
 def save_final(
@@ -298,8 +307,13 @@ def run_recipe(
     """
     args, training_args = parse_recipe((stage.arguments_class, stage.config_class), argv, stage.defaults)
     checks.check_recipe(args, training_args)
+    if stage.check is not None:
+        stage.check(args, training_args)
+    guards.check_inputs_outside_output(args, training_args.output_dir)
+    recipe = guards.recipe_snapshot(args, training_args)
     resume_from = resolve_resume(training_args)
     check_resume_point(resume_from)
+    guards.check_resume_recipe(resume_from, recipe)
     run_dir.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
     try:
         # Cheap, and before the data is tokenized: a mistyped model path must not wait for that.
@@ -334,12 +348,17 @@ def run_recipe(
 
         # Before the seal callback, so that a save it cancels never reaches the seal.
         guard = NonFiniteGuard(args.on_nonfinite)
+        silent = NoSignalGuard(getattr(args, "no_signal_patience", 0))
+
+        def extra_files(folder: Path) -> None:
+            write_swanlab_run_id(folder)
+            guards.write_recipe(folder, recipe)  # compared on resume (`guards.check_resume_recipe`)
+
         # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
-        sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
+        sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=extra_files)
         training_args.save_total_limit = None
-        trainer = stage.build_trainer(
-            model, tokenizer, training_args, train_dataset, eval_dataset, [guard, sealing, *loggers, *callbacks], args
-        )
+        callbacks = [guard, silent, sealing, *loggers, *callbacks]
+        trainer = stage.build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, callbacks, args)
         if before_train is not None:
             before_train(trainer)
         if finished:
