@@ -10,6 +10,9 @@
   each key with both values. Other keys (logging, saving, workers, the length of the run) take the new value,
   said in one log line. Extending `max_steps` / `num_train_epochs` is allowed: the learning-rate schedule is then
   rebuilt over the new length from the step reached, which the log line says.
+- `RecipeIntervals`: transformers restores `logging_steps`, `eval_steps` and `save_steps` from the checkpoint's
+  trainer_state.json on resume, so a changed interval would be silently ignored; this callback puts the recipe's
+  back when training begins, so that what the log line says (the new values win) is true.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 from .errors import RecipeError
 from .loading import adapter_base, source_kind
@@ -212,3 +217,10 @@ def check_resume_recipe(checkpoint: str | None, snapshot: dict[str, Any]) -> Non
             else ""
         )
         logger.warning("resuming %s with changed keys, the new values win: %s%s", checkpoint, listed, schedule)
+
+
+class RecipeIntervals(TrainerCallback):
+    """On a resumed run, the recipe's logging, eval and save intervals, not the checkpoint's (see the module doc)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)

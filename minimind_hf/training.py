@@ -357,7 +357,7 @@ def run_recipe(
         # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
         sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=extra_files)
         training_args.save_total_limit = None
-        callbacks = [guard, silent, sealing, *loggers, *callbacks]
+        callbacks = [guard, silent, sealing, guards.RecipeIntervals(), *loggers, *callbacks]
         trainer = stage.build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, callbacks, args)
         if before_train is not None:
             before_train(trainer)
@@ -387,4 +387,5 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except MiniMindError as err:
-        sys.exit(f"error: {err}")
+        # One line, whatever a library put in the message: the last line of the output is the whole error.
+        sys.exit("error: " + " ".join(str(err).split()))

@@ -40,7 +40,9 @@ def read_state_dict(path: str | os.PathLike, what: str, error: type[Exception] =
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise error(f"{path}: not a readable {what} state dict ({err})") from err
+        # torch's message is a page long; its first line says what failed.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"{path}: not a readable {what} state dict ({first})") from err
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise error(f"{path}: expected a non-empty flat state dict of tensors")
     return {_strip_prefix(k): v for k, v in raw.items()}
