@@ -205,6 +205,8 @@ def peft_to_lora_pth(adapter_dir: str | os.PathLike, pth: str | os.PathLike, **s
 def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, **sizes: Any) -> Path:
     """The base with the adapter merged in, written like a recipe's final model: weights (the LM head stays tied
     to the embedding), tokenizer, a generation config that stops at `<|im_end|>`, through the same atomic save."""
+    if source_kind(adapter_dir) != "adapter":  # a plain model would be copied as if merged
+        raise ValueError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json); nothing to merge")
     model = load_model(adapter_dir, **sizes)
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise ValueError(f"{adapter_dir}: merging untied the LM head from the embedding")

@@ -208,6 +208,10 @@ def parse_recipe(
         return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
     except (ValueError, TypeError) as err:  # the config classes' own checks (`report_to: wandbx`, ...)
         raise RecipeError(f"invalid recipe: {err}") from err
+    except ZeroDivisionError as err:  # GRPOConfig divides by num_generations / steps_per_generation unchecked
+        raise RecipeError(
+            f"invalid recipe: a count the config divides by is 0 ({err}); counts must be at least 1"
+        ) from err
 
 
 def load_recipe_model(
