@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -110,6 +111,17 @@ FROZEN_KEYS = (
     "lora_target_modules",
     "lora_init_std",
 )
+# Keys naming files or directories: a run directory moved with its data (or a model copied elsewhere) is the same
+# run, so these are compared by what they hold (`fingerprint`), not by their path.
+PATH_KEYS = (
+    "data_path",
+    "model_name_or_path",
+    "tokenizer_name_or_path",
+    "ref_model_name_or_path",
+    "reward_model_name_or_path",
+)
+FINGERPRINTS = "_fingerprints"
+_SAMPLE = 1 << 16
 # Keys whose change is expected and needs no line in the log.
 _IGNORED = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_dir", "run_name")
 
@@ -161,12 +173,36 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def fingerprint(path: str) -> Any:
+    """What a file or directory holds, cheaply: a file's size and a hash of its first and last 64 KiB (a data file
+    may be many GB); a directory's file names and sizes. None for what does not exist."""
+    target = Path(path)
+    if target.is_file():
+        size = target.stat().st_size
+        digest = hashlib.sha256()
+        with target.open("rb") as handle:
+            digest.update(handle.read(_SAMPLE))
+            if size > _SAMPLE:
+                handle.seek(max(_SAMPLE, size - _SAMPLE))
+                digest.update(handle.read(_SAMPLE))
+        return [size, digest.hexdigest()]
+    if target.is_dir():
+        return sorted([p.name, p.stat().st_size] for p in target.iterdir() if p.is_file())
+    return None
+
+
 def recipe_snapshot(*configs: Any) -> dict[str, Any]:
-    """The recipe's values, as written into each checkpoint."""
+    """The recipe's values, as written into each checkpoint, with the fingerprints of its `PATH_KEYS`."""
     snapshot: dict[str, Any] = {}
     for config in configs:
         for item in dataclasses.fields(config):
             snapshot[item.name] = _plain(getattr(config, item.name))
+    prints = {}
+    for key in PATH_KEYS:
+        value = snapshot.get(key)
+        if value:
+            prints[key] = [fingerprint(v) for v in value] if isinstance(value, list) else fingerprint(value)
+    snapshot[FINGERPRINTS] = prints
     return snapshot
 
 
@@ -200,7 +236,18 @@ def check_resume_recipe(checkpoint: str | None, snapshot: dict[str, Any]) -> Non
         saved = json.loads(saved_file.read_text())
     except ValueError as err:
         raise RecipeError(f"resume_from_checkpoint: {saved_file} is unreadable ({err})") from err
-    changed = [key for key in snapshot if key in saved and key not in _IGNORED and not _same(saved[key], snapshot[key])]
+    saved_prints, prints = saved.get(FINGERPRINTS, {}), snapshot.get(FINGERPRINTS, {})
+    moved = []
+    changed = []
+    for key in snapshot:
+        if key == FINGERPRINTS or key not in saved or key in _IGNORED or _same(saved[key], snapshot[key]):
+            continue
+        if key in PATH_KEYS and key in saved_prints and saved_prints[key] == prints.get(key):
+            moved.append(key)  # another path to the same content
+        else:
+            changed.append(key)
+    if moved:
+        logger.info("resuming %s: %s moved, with the same content", checkpoint, ", ".join(moved))
     frozen = [key for key in changed if key in FROZEN_KEYS]
     if frozen:
         listed = ", ".join(f"{key} {json.dumps(saved[key])} -> {json.dumps(snapshot[key])}" for key in frozen)
