@@ -271,3 +271,16 @@ def test_saved_pth_is_fp16_and_finite(tmp_path):
     path = save_pth(tiny_model(), tmp_path / "m.pth")
     state = torch.load(path, weights_only=True)
     assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in state.values())
+
+
+def test_grpo_resume_from_a_checkpoint_inside_a_generation_cycle_is_refused(tmp_path):
+    # max_steps 3 with a 2-step cycle: the final checkpoint-3 is cut inside the second cycle.
+    rows = [question(i, str(i + 1)) for i in range(8)]
+    recipe = grpo_recipe(tmp_path, rows, steps_per_generation=2, save_steps=2, max_steps=3, learning_rate=1e-3)
+    grpo.main(["--config", str(recipe)])
+    assert (tmp_path / "out" / "checkpoint-3").is_dir()
+    longer = ["--config", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "6"]
+    with pytest.raises(RecipeError, match=r"checkpoint-3 was saved at step 3, inside a cycle: a generation cycle is 2"):
+        grpo.main(longer)
+    # From a checkpoint on a cycle boundary the resume goes ahead.
+    grpo.main([*longer[:2], "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"), "--max_steps", "4"])
