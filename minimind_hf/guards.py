@@ -67,12 +67,9 @@ FROZEN_KEYS = (
     "data_path",
     "skip_invalid",
     "error_on_unsupervised",
-    # the model
+    # the model (its sizes and its tokenizer have checks of their own, with more precise messages:
+    # `check_checkpoint_fits` and `check_tokenizer_change`)
     "model_name_or_path",
-    "tokenizer_name_or_path",
-    "hidden_size",
-    "num_hidden_layers",
-    "use_moe",
     "config_overrides",
     "bf16",
     "fp16",
@@ -219,6 +216,10 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _missing(prints: Any) -> bool:
+    return prints is None or (isinstance(prints, list) and any(p is None for p in prints))
+
+
 def check_resume_recipe(checkpoint: str | None, snapshot: dict[str, Any]) -> None:
     """Refuse resuming with another value of a `FROZEN_KEYS` key; log what else changed and that it wins."""
     if checkpoint is None:
@@ -244,6 +245,8 @@ def check_resume_recipe(checkpoint: str | None, snapshot: dict[str, Any]) -> Non
             continue
         if key in PATH_KEYS and key in saved_prints and saved_prints[key] == prints.get(key):
             moved.append(key)  # another path to the same content
+        elif key in PATH_KEYS and _missing(prints.get(key)):
+            continue  # a file that is gone: its loader says so, naming it
         else:
             changed.append(key)
     if moved:
