@@ -42,7 +42,8 @@ INPUT_KEYS = (
 RECIPE_FILE = "recipe.json"
 
 # Keys a resumed run may not change: each decides what the saved optimizer state, schedule, data position or
-# weights mean. (Keys a stage does not have are skipped.)
+# weights mean. (Keys a stage does not have are skipped.) Values derived from the number of processes
+# (GRPO's generation_batch_size) are not here: resuming with another number of processes is supported.
 FROZEN_KEYS = (
     # optimizer and schedule
     "learning_rate",
@@ -86,7 +87,6 @@ FROZEN_KEYS = (
     "f_divergence_type",
     "ld_alpha",
     "num_generations",
-    "generation_batch_size",
     "steps_per_generation",
     "num_iterations",
     "temperature",
