@@ -2,6 +2,8 @@
 
 - `NonFiniteGuard`: stops (or skips) a step whose gradient is not finite, and never lets a non-finite model be
   saved; `raise_if_diverged` then turns a diverged run into `TrainingDiverged` instead of a final model;
+- `NoSignalGuard`: stops a run whose objective gave no learning signal (GRPO: no completion could be scored, or
+  no group's rewards differed for `patience` steps); `raise_if_diverged` then raises `TrainingGaveNoSignal`;
 - `SealCheckpointCallback`: seals each checkpoint once complete, then rotates old ones (`checkpointing.py`);
 - swanlab: `start_swanlab` starts (or continues) the run and returns swanlab's own callback;
   `write_swanlab_run_id` keeps the run id inside each checkpoint, so that a resumed run continues it.
@@ -25,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 # and the tests can replace a step of the save there.
 from . import checkpointing
 from .checkpointing import discard_checkpoint, is_sealed, list_checkpoints
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, TrainingGaveNoSignal
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -134,6 +136,52 @@ class NonFiniteGuard(TrainerCallback):
             control.should_training_stop = True
 
 
+class NoSignalGuard(TrainerCallback):
+    """Stops a run whose objective gives no signal, instead of saving an unchanged model as finished.
+
+    It reads what TRL logs (`on_log`), so it needs no change to a trainer. With GRPO:
+
+    - no completion of a whole logging window could be scored (every reward function returned None, e.g. rows
+      without the `answer` exact_match needs, or NaN): TRL logs `reward` as None, every advantage is 0 and the loss
+      0. The run stops at that window.
+    - every group's rewards were equal (`frac_reward_zero_std` 1: every advantage 0) for `patience` steps in a row.
+      A weak model can fail every prompt of a few steps, so one such window is only logged; `patience` 0 turns
+      this rule off.
+
+    The stop saves nothing more; `raise_if_diverged` then raises `TrainingGaveNoSignal`. Evaluation logs
+    (`eval_*`) are not judged.
+    """
+
+    def __init__(self, patience: int = 0):
+        self.patience = patience
+        self.no_signal: str | None = None
+        self.flat_since: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "reward" not in logs:
+            return
+        reward = logs["reward"]
+        if reward is None or (isinstance(reward, float) and math.isnan(reward)):
+            self.no_signal = (
+                f"steps up to {state.global_step}: no completion could be scored (every reward function returned "
+                'None or NaN): check that the rows hold what the rewards read (exact_match: an "answer")'
+            )
+        elif logs.get("frac_reward_zero_std") == 1.0:
+            first = self.flat_since = self.flat_since or max(1, state.global_step - args.logging_steps + 1)
+            logger.warning("steps %d-%d: every group's rewards were equal: no signal", first, state.global_step)
+            if self.patience and state.global_step - first + 1 >= self.patience:
+                self.no_signal = (
+                    f"steps {first}-{state.global_step}: every group's completions got the same reward, so every "
+                    f"advantage was 0 (no_signal_patience: {self.patience}); check the rewards, or raise temperature"
+                )
+        else:
+            self.flat_since = None
+        if self.no_signal is not None:
+            control.should_save = control.should_evaluate = False
+            control.should_training_stop = True
+
+
 def skipped_steps(state) -> int:
     """How many steps of the run (resumed runs included) were skipped for a non-finite gradient."""
     return sum(1 for entry in state.log_history if entry.get(SKIPPED_STEP_KEY))
@@ -151,6 +199,11 @@ def _last_checkpoint_note(output_dir: str) -> str:
 
 def raise_if_diverged(trainer: Trainer) -> None:
     """After `trainer.train()`: raise `TrainingDiverged` instead of letting a diverged run save a final model."""
+    silent = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NoSignalGuard)), None)
+    if silent is not None and silent.no_signal is not None:
+        raise TrainingGaveNoSignal(
+            f"the objective gave no learning signal ({silent.no_signal}); the run stopped without a final model"
+        )
     guard = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuard)), None)
     output_dir = trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -13,6 +13,8 @@ The output directory's checks are in `run_dir.py`, the resume point's in `checkp
 from __future__ import annotations
 
 import json
+import logging
+import math
 import types
 import typing
 from dataclasses import fields
@@ -32,6 +34,8 @@ from .loading import tokenizer_source
 from .modeling_minimind import MiniMindForCausalLM
 from .tokenizer import load_tokenizer
 
+logger = logging.getLogger("minimind_hf")
+
 # Values a key takes beyond its declared type: the recipes document `resume_from_checkpoint: true`.
 ALSO_ACCEPTED: dict[str, Any] = {
     "resume_from_checkpoint": bool,
@@ -43,6 +47,35 @@ ALSO_ACCEPTED: dict[str, Any] = {
 
 def _fail(key: str, message: str) -> typing.NoReturn:
     raise RecipeError(f"{key}: {message}")
+
+
+def check_choice(key: str, value: Any, allowed: typing.Iterable[str]) -> None:
+    """`value` is one of `allowed` (the values the library accepts; checked here before any work)."""
+    allowed = list(allowed)
+    if value not in allowed:
+        _fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_number(
+    key: str,
+    value: float | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    """`value` (None is not judged) is finite and within [low, high], each bound open when `*_open`."""
+    if value is None:
+        return
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        _fail(key, f"must be in {bounds}, got {value}{f' ({why})' if why else ''}")
 
 
 def _accepts(value: Any, hint: Any) -> bool | None:
@@ -142,6 +175,19 @@ def _check_ranges(args: Any, training_args: TrainingArguments, resuming: bool) -
         _fail("num_train_epochs", "is 0 and max_steps is not set: the run would save an untrained model")
     if not args.data_path:
         _fail("data_path", "is empty; name at least one JSON Lines file")
+    if training_args.learning_rate == 0:
+        # Legal (a parity check trains at 0 on purpose), but the run then learns nothing: say so.
+        logger.warning("learning_rate is 0: the weights will not change")
+    check_number("learning_rate", training_args.learning_rate, low=0)
+    check_number("max_grad_norm", training_args.max_grad_norm, low=0)
+    check_number("neftune_noise_alpha", training_args.neftune_noise_alpha, low=0)
+    # Reasoning SFT's tag weight: a negative one would train the tags away, 0 would leave them unlearned.
+    check_number("tag_loss_weight", args.tag_loss_weight, low=0, why="a negative weight unlearns the tags")
+    if args.tag_loss_weight == 0:
+        logger.warning("tag_loss_weight is 0: the reasoning tags get no loss and will not be learned")
+    if args.tag_loss_weight != 1.0:
+        if not args.tag_tokens or any(not isinstance(tag, str) or not tag.strip() for tag in args.tag_tokens):
+            _fail("tag_tokens", f"must be non-empty strings when tag_loss_weight is set, got {args.tag_tokens!r}")
     if args.on_nonfinite not in NONFINITE_POLICIES:
         _fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_POLICIES)}, got {args.on_nonfinite!r}")
 

@@ -40,6 +40,7 @@ from .errors import MiniMindError
 from .formats.llama import llama_config, to_llama
 from .formats.lora_pth import load_lora_pth, save_lora_pth, set_base_model
 from .formats.minimind3_pth import minimind3_pth_state
+from .formats.precision import narrow_model
 from .formats.pth import save_pth
 from .formats.qwen3 import to_qwen3
 from .loading import adapter_base, load_model, source_kind, tokenizer_source
@@ -82,7 +83,9 @@ def _tokenizer_for(args: argparse.Namespace, required: bool):
 
 
 def _load(args: argparse.Namespace) -> MiniMindForCausalLM:
-    return load_model(args.source, dtype=getattr(torch, args.dtype), **sizes_from_args(args))
+    """The source at full precision, then cast to `--dtype` only if no weight overflows it (`precision.narrow`)."""
+    model = load_model(args.source, **sizes_from_args(args))
+    return narrow_model(model, getattr(torch, args.dtype), f"--dtype {args.dtype}")
 
 
 def _write_model_dir(out_dir: Path, write: Callable[[Path], object], tokenizer) -> Path:
@@ -202,6 +205,8 @@ def peft_to_lora_pth(adapter_dir: str | os.PathLike, pth: str | os.PathLike, **s
 def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, **sizes: Any) -> Path:
     """The base with the adapter merged in, written like a recipe's final model: weights (the LM head stays tied
     to the embedding), tokenizer, a generation config that stops at `<|im_end|>`, through the same atomic save."""
+    if source_kind(adapter_dir) != "adapter":  # a plain model would be copied as if merged
+        raise ValueError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json); nothing to merge")
     model = load_model(adapter_dir, **sizes)
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise ValueError(f"{adapter_dir}: merging untied the LM head from the embedding")

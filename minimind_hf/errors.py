@@ -22,6 +22,10 @@ class TrainingDiverged(RecipeError):
     """Training produced a non-finite gradient or weights; nothing non-finite was saved."""
 
 
+class TrainingGaveNoSignal(RecipeError):
+    """Training ran, but its objective gave no learning signal (e.g. no GRPO reward could be computed)."""
+
+
 class DataError(MiniMindError, ValueError):
     """A data file or line that cannot be used; `problem` is a short kind such as `"not_json"`."""
 
@@ -51,4 +55,5 @@ __all__ = [
     "ModelSourceError",
     "RecipeError",
     "TrainingDiverged",
+    "TrainingGaveNoSignal",
 ]

@@ -26,8 +26,15 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from trl import SFTConfig, TrlParser
 
-from . import checks, run_dir
-from .callbacks import NonFiniteGuard, SealCheckpointCallback, raise_if_diverged, start_swanlab, write_swanlab_run_id
+from . import checks, guards, run_dir
+from .callbacks import (
+    NonFiniteGuard,
+    NoSignalGuard,
+    SealCheckpointCallback,
+    raise_if_diverged,
+    start_swanlab,
+    write_swanlab_run_id,
+)
 from .checkpointing import (
     begin_final,
     check_checkpoint_fits,
@@ -157,6 +164,24 @@ class MiniMindArguments:
                 setattr(self, key, None)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the last
+    value, so `learning_rate` written twice would train with the one further down, whatever the reader saw first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise RecipeError(
+                    f"{key_node.start_mark.name}:{line}: key '{key}' is given twice (lines {seen[key]} and {line}); "
+                    "keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _known_keys(dataclass_types: tuple[type, ...]) -> set[str]:
     return {f.name for dc in dataclass_types for f in fields(dc)}
 
@@ -187,7 +212,8 @@ def parse_recipe(
         if not config_path.is_file():
             raise RecipeError(f"recipe file {config_path} does not exist")
         try:
-            recipe = yaml.safe_load(config_path.read_text())
+            with config_path.open(encoding="utf-8") as stream:  # the stream's name goes into the error's position
+                recipe = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
@@ -204,6 +230,10 @@ def parse_recipe(
         return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
     except (ValueError, TypeError) as err:  # the config classes' own checks (`report_to: wandbx`, ...)
         raise RecipeError(f"invalid recipe: {err}") from err
+    except ZeroDivisionError as err:  # GRPOConfig divides by num_generations / steps_per_generation unchecked
+        raise RecipeError(
+            f"invalid recipe: a count the config divides by is 0 ({err}); counts must be at least 1"
+        ) from err
 
 
 def load_recipe_model(
@@ -248,6 +278,8 @@ class Stage:
     defaults: dict[str, Any] = field(default_factory=dict)
     finished_model: Callable[[Any, str, Any], Any] | None = None
     write_pth: Callable[[Any, Path], Path] = save_pth
+    # The stage's own value checks (beta, num_generations, lora_r, ...), run with `checks.check_recipe`.
+    check: Callable[[Any, Any], None] | None = None
 
 
 def save_final(
@@ -302,8 +334,13 @@ def run_recipe(
     """
     args, training_args = parse_recipe((stage.arguments_class, stage.config_class), argv, stage.defaults)
     checks.check_recipe(args, training_args)
+    if stage.check is not None:
+        stage.check(args, training_args)
+    guards.check_inputs_outside_output(args, training_args.output_dir)
+    recipe = guards.recipe_snapshot(args, training_args)
     resume_from = resolve_resume(training_args)
     check_resume_point(resume_from)
+    guards.check_resume_recipe(resume_from, recipe)
     run_dir.check_output_dir_use(training_args.output_dir, resume_from, args.overwrite_output_dir)
     try:
         # Cheap, and before the data is tokenized: a mistyped model path must not wait for that.
@@ -338,12 +375,17 @@ def run_recipe(
 
         # Before the seal callback, so that a save it cancels never reaches the seal.
         guard = NonFiniteGuard(args.on_nonfinite)
+        silent = NoSignalGuard(getattr(args, "no_signal_patience", 0))
+
+        def extra_files(folder: Path) -> None:
+            write_swanlab_run_id(folder)
+            guards.write_recipe(folder, recipe)  # compared on resume (`guards.check_resume_recipe`)
+
         # The seal callback rotates checkpoints itself, after each seal (see `SealCheckpointCallback`).
-        sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=write_swanlab_run_id)
+        sealing = SealCheckpointCallback(training_args.save_total_limit, extra_files=extra_files)
         training_args.save_total_limit = None
-        trainer = stage.build_trainer(
-            model, tokenizer, training_args, train_dataset, eval_dataset, [guard, sealing, *loggers, *callbacks], args
-        )
+        callbacks = [guard, silent, sealing, guards.RecipeIntervals(), *loggers, *callbacks]
+        trainer = stage.build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, callbacks, args)
         if before_train is not None:
             before_train(trainer)
         if finished:
@@ -372,4 +414,5 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except MiniMindError as err:
-        sys.exit(f"error: {err}")
+        # One line, whatever a library put in the message: the last line of the output is the whole error.
+        sys.exit("error: " + " ".join(str(err).split()))

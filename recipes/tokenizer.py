@@ -14,10 +14,10 @@ then Qwen-style placeholders), `<tool_call>`, `</tool_call>`, `<tool_response>`,
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-from trl import TrlParser
 
 from minimind_hf.chat_templates import (
     MINIMIND3_BUFFER_TOKENS,
@@ -25,8 +25,14 @@ from minimind_hf.chat_templates import (
     MINIMIND3_SPECIAL_TOKENS,
     MINIMIND3_TAG_TOKENS,
 )
+from minimind_hf.checks import check_value_types
 from minimind_hf.data import iter_texts
+from minimind_hf.errors import MiniMindError, RecipeError
 from minimind_hf.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from minimind_hf.training import parse_recipe, run_cli
+
+# Byte-level BPE starts from the 256 byte symbols; the special tokens come on top.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 STYLES = ("minimind2", "minimind3")
 
@@ -42,11 +48,29 @@ class TokenizerArguments:
     )
 
 
-def train(args: TokenizerArguments) -> PreTrainedTokenizerFast:
+def check(args: TokenizerArguments) -> None:
+    """Every value, before the corpus is read: a bad one would otherwise fail after training, or inside the Rust
+    trainer with a traceback."""
+    check_value_types(args)
     if not args.files:
-        raise ValueError("no corpus given: set `files`")
+        raise RecipeError("files: no corpus given; name at least one JSON Lines file")
+    for name in args.files:
+        if not Path(name).is_file():
+            raise RecipeError(f"files: {name}: {'is a directory' if Path(name).is_dir() else 'no such file'}")
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise RecipeError(
+            f"vocab_size: must be at least {MIN_VOCAB_SIZE} (256 bytes and {len(SPECIAL_TOKENS)} special tokens), "
+            f"got {args.vocab_size}"
+        )
+    out = Path(args.output_dir)
+    if not args.output_dir.strip() or (out.exists() and not out.is_dir()):
+        raise RecipeError(f"output_dir: {args.output_dir!r} is not a directory one can write to")
     if args.style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {args.style!r}")
+        raise RecipeError(f"style: must be one of {', '.join(STYLES)}, got {args.style!r}")
+
+
+def train(args: TokenizerArguments) -> PreTrainedTokenizerFast:
+    check(args)
     minimind3 = args.style == "minimind3"
     # The trainer gives its special tokens the first ids, in order, and never merges across them.
     added = MINIMIND3_SPECIAL_TOKENS + MINIMIND3_TAG_TOKENS + MINIMIND3_BUFFER_TOKENS if minimind3 else SPECIAL_TOKENS
@@ -81,11 +105,17 @@ def train(args: TokenizerArguments) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def main() -> None:
-    (args,) = TrlParser(TokenizerArguments).parse_args_and_config()
-    tokenizer = train(args)
+def main(argv: list[str] | None = None) -> None:
+    # The recipes' parser: unknown and duplicate keys are errors naming them, as in the training recipes.
+    (args,) = parse_recipe((TokenizerArguments,), argv)
+    try:
+        tokenizer = train(args)
+    except MiniMindError:
+        raise
+    except (OSError, ValueError) as err:  # a corpus line that is not JSON, an unwritable output_dir, ...
+        raise RecipeError(str(err)) from err
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,7 @@ Each case runs the real command in-process through its `main(argv)` (the recipes
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from minimind_hf import MiniMindConfig, MiniMindForCausalLM, chat, evaluate, plot
 from minimind_hf import data as data_cli
-from minimind_hf.stages import pretrain, sft
+from minimind_hf.stages import dpo, grpo, lora, pretrain, sft
 from minimind_hf.testing import write_tiny_recipe
 from minimind_hf.tokenizer import load_tokenizer
 from minimind_hf.training import run_cli
@@ -286,3 +287,282 @@ def test_command_line_tool_with_bad_flags(tiny_model, capsys, main, argv, messag
     argv = [arg.format(model=tiny_model, root=tiny_model.parent) for arg in argv]
     line = one_error_line(lambda: main(argv), capsys)
     assert re.search(message, line), line
+
+
+# The newer stages: each key of DPO, GRPO, LoRA and reasoning SFT with bad values. The recipes start from a tiny
+# model (`stage_work`); every case must end in one `error:` line before any work, with nothing in output_dir.
+PAIR = {
+    "chosen": ROW["conversations"],
+    "rejected": [ROW["conversations"][0], {"role": "assistant", "content": "3"}],
+}
+PROMPT = {**ROW, "task": "add", "answer": "2"}
+
+
+@pytest.fixture
+def stage_work(work) -> Path:
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    MiniMindForCausalLM(config).save_pretrained(work / "model")
+    load_tokenizer(TOKENIZER).save_pretrained(work / "model")
+    shutil.copytree(work / "model", work / "ref")
+    (work / "dpo.jsonl").write_text(json.dumps(PAIR) + "\n")
+    (work / "grpo.jsonl").write_text((json.dumps(PROMPT) + "\n") * 4)
+    (work / "rlaif.jsonl").write_text(json.dumps(ROW) + "\n")
+    return work
+
+
+def stage_recipe(stage: str, directory: Path, overrides: dict) -> Path:
+    keys: dict = {"model_name_or_path": str(directory / "model")}
+    if stage == "dpo":
+        keys |= {"data_path": str(directory / "dpo.jsonl"), "max_length": 128}
+    if stage == "grpo":
+        keys |= {
+            "data_path": str(directory / "grpo.jsonl"),
+            "num_generations": 2,
+            "max_completion_length": 4,
+            "max_prompt_length": 64,
+            "per_device_train_batch_size": 2,
+        }
+    recipe = write_tiny_recipe(directory, **{**keys, **overrides})
+    if stage == "grpo":  # GRPO has max_prompt_length and max_completion_length, not max_length
+        text = "\n".join(line for line in recipe.read_text().splitlines() if not line.startswith("max_length:"))
+        recipe.write_text(text + "\n")
+    return recipe
+
+
+STAGE_CASES = {
+    # DPO
+    "dpo beta: -0.5": ("dpo", {"beta": -0.5}, r"beta: must be in \(0, inf\], got -0.5"),
+    "dpo beta: 0": ("dpo", {"beta": 0}, r"beta: must be in \(0, inf\]"),
+    "dpo beta: .nan": ("dpo", {"beta": float("nan")}, r"beta: must be in"),
+    "dpo beta: high": ("dpo", {"beta": "high"}, r"--beta.*invalid float value: 'high'"),
+    "dpo loss_type: typo": ("dpo", {"loss_type": "sigmoidd"}, r"loss_type: must be one of .*got 'sigmoidd'"),
+    "dpo loss_type: []": ("dpo", {"loss_type": []}, r"loss_type: is empty"),
+    "dpo loss_type: ''": ("dpo", {"loss_type": ""}, r"loss_type: must be one of .*got ''"),
+    "dpo loss_weights: wrong length": (
+        "dpo",
+        {"loss_weights": [1.0, 1.0]},
+        r"loss_weights` must have the same length",
+    ),
+    "dpo loss_weights: [0]": ("dpo", {"loss_weights": [0.0]}, r"loss_weights: are all 0"),
+    "dpo loss_weights: [-1]": ("dpo", {"loss_weights": [-1.0]}, r"loss_weights: must be in \[0, inf\]"),
+    "dpo label_smoothing: 0.5": ("dpo", {"label_smoothing": 0.5}, r"label_smoothing: must be in \[0, 0.5\)"),
+    "dpo label_smoothing: -0.1": ("dpo", {"label_smoothing": -0.1}, r"label_smoothing: must be in"),
+    "dpo exo_pair without smoothing": ("dpo", {"loss_type": "exo_pair"}, r"label_smoothing: exo_pair needs it"),
+    "dpo f_divergence_type: kl": ("dpo", {"f_divergence_type": "kl"}, r"f_divergence_type: must be one of"),
+    "dpo f_divergence with apo_zero": (
+        "dpo",
+        {"f_divergence_type": "js_divergence", "loss_type": "apo_zero"},
+        r"f_divergence_type: js_divergence works only with",
+    ),
+    "dpo f_alpha_divergence_coef: 0": ("dpo", {"f_alpha_divergence_coef": 0}, r"f_alpha_divergence_coef: must be"),
+    "dpo ld_alpha: 2": ("dpo", {"ld_alpha": 2}, r"ld_alpha: must be in \[0, 1\]"),
+    "dpo discopop_tau: 0": ("dpo", {"discopop_tau": 0}, r"discopop_tau: must be in \(0, inf\]"),
+    "dpo truncation_mode: middle": ("dpo", {"truncation_mode": "middle"}, r"truncation_mode: must be one of"),
+    "dpo use_weighting with aot": ("dpo", {"use_weighting": True, "loss_type": "aot"}, r"use_weighting: TRL does"),
+    "dpo precompute_ref_batch_size: 0": ("dpo", {"precompute_ref_batch_size": 0}, r"precompute_ref_batch_size"),
+    "dpo ref_model_mixup_alpha: 2": (
+        "dpo",
+        {"sync_ref_model": True, "ref_model_mixup_alpha": 2},
+        r"ref_model_mixup_alpha: must be in \[0, 1\]",
+    ),
+    "dpo ref_model_sync_steps: 0": (
+        "dpo",
+        {"sync_ref_model": True, "ref_model_sync_steps": 0},
+        r"ref_model_sync_steps: must be at least 1",
+    ),
+    "dpo ref_model_name_or_path: missing": (
+        "dpo",
+        {"ref_model_name_or_path": "no/ref"},
+        r"ref_model_name_or_path no/ref: no such model",
+    ),
+    "dpo ref_model_name_or_path: is output_dir": (
+        "dpo",
+        lambda d: {"ref_model_name_or_path": str(d / "ref"), "output_dir": str(d / "ref")},
+        r"output_dir .*ref is ref_model_name_or_path",
+    ),
+    "dpo data_path: conversations": ("dpo", lambda d: {"data_path": str(d / "sft.jsonl")}, r':1: no "chosen" field'),
+    "dpo max_length: 0": ("dpo", {"max_length": 0}, r"max_length: must be a positive number"),
+    "dpo learning_rate: -1": ("dpo", {"learning_rate": -1}, r"learning_rate: must be >= 0"),
+    # GRPO
+    "grpo num_generations: 1": ("grpo", {"num_generations": 1}, r"at least 2 generations per prompt"),
+    "grpo num_generations: 0": ("grpo", {"num_generations": 0}, r"a count the config divides by is 0"),
+    "grpo num_generations: two": ("grpo", {"num_generations": "two"}, r"--num_generations.*invalid int value"),
+    "grpo temperature: 0": ("grpo", {"temperature": 0}, r"temperature: must be in \(0, inf\]"),
+    "grpo temperature: -1": ("grpo", {"temperature": -1}, r"temperature: must be in \(0, inf\]"),
+    "grpo top_p: 0": ("grpo", {"top_p": 0}, r"top_p: must be in \(0, 1\]"),
+    "grpo top_p: 1.5": ("grpo", {"top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
+    "grpo top_k: -1": ("grpo", {"top_k": -1}, r"top_k: must be >= 0"),
+    "grpo min_p: 2": ("grpo", {"min_p": 2}, r"min_p: must be in \[0, 1\]"),
+    "grpo repetition_penalty: 0": ("grpo", {"repetition_penalty": 0}, r"repetition_penalty: must be in"),
+    "grpo beta: -0.1": ("grpo", {"beta": -0.1}, r"beta: must be in \[0, inf\]"),
+    "grpo epsilon: -0.2": ("grpo", {"epsilon": -0.2}, r"epsilon: must be in \[0, inf\]"),
+    "grpo epsilon_high: -1": ("grpo", {"epsilon_high": -1}, r"epsilon_high: must be in"),
+    "grpo delta: 0.5": ("grpo", {"delta": 0.5}, r"delta: must be in \(1, inf\]"),
+    "grpo num_iterations: 0": ("grpo", {"num_iterations": 0}, r"num_iterations: must be at least 1"),
+    "grpo steps_per_generation: 0": ("grpo", {"steps_per_generation": 0}, r"error: "),
+    "grpo steps_per_generation: 2, save_steps: 3": (
+        "grpo",
+        {"steps_per_generation": 2, "save_steps": 3},
+        r"save_steps: must be a multiple of 2",
+    ),
+    "grpo generation_batch_size: 3": ("grpo", {"generation_batch_size": 3}, r"generation_batch_size \(3\) must be"),
+    "grpo max_completion_length: 0": ("grpo", {"max_completion_length": 0}, r"max_completion_length: must be at"),
+    "grpo max_prompt_length: 0": ("grpo", {"max_prompt_length": 0}, r"max_prompt_length: must be at least 1"),
+    "grpo loss_type: typo": ("grpo", {"loss_type": "grpoo"}, r"loss_type: must be one of grpo, .*got 'grpoo'"),
+    "grpo scale_rewards: yes": ("grpo", {"scale_rewards": "yes"}, r"scale_rewards: must be one of group, batch"),
+    "grpo importance_sampling_level: seq": (
+        "grpo",
+        {"importance_sampling_level": "seq"},
+        r"importance_sampling_level: must be one of token, sequence",
+    ),
+    "grpo sequence level with dapo": (
+        "grpo",
+        {"importance_sampling_level": "sequence", "loss_type": "dapo"},
+        r"importance_sampling_level: sequence does not apply to loss_type dapo",
+    ),
+    "grpo multi_objective_aggregation: sum": (
+        "grpo",
+        {"multi_objective_aggregation": "sum"},
+        r"multi_objective_aggregation: must be one of",
+    ),
+    "grpo reward_weights: [0]": ("grpo", {"reward_weights": [0.0]}, r"reward_weights: are all 0"),
+    "grpo reward_weights: [-1]": ("grpo", {"reward_weights": [-1.0]}, r"reward_weights: .*trains against"),
+    "grpo reward_weights: wrong length": ("grpo", {"reward_weights": [1.0, 2.0]}, r"2 weights for 1 rewards"),
+    "grpo reward_funcs: typo": ("grpo", {"reward_funcs": ["exact_matchh"]}, r"unknown reward 'exact_matchh'"),
+    "grpo reward_funcs: []": ("grpo", {"reward_funcs": []}, r"no reward: set reward_funcs"),
+    "grpo reward_funcs: ['']": ("grpo", {"reward_funcs": [""]}, r"reward_funcs: "),
+    "grpo reward_model_name_or_path: missing": (
+        "grpo",
+        {"reward_model_name_or_path": "no/rm"},
+        r"reward_model_name_or_path no/rm: no such directory",
+    ),
+    "grpo reward_model_name_or_path: is output_dir": (
+        "grpo",
+        lambda d: {"reward_model_name_or_path": str(d / "a_dir"), "output_dir": str(d / "a_dir" / "run")},
+        r"output_dir .*run lies inside reward_model_name_or_path",
+    ),
+    "grpo rows without answers": (
+        "grpo",
+        lambda d: {"data_path": str(d / "rlaif.jsonl")},
+        r'none of the 1 rows has an "answer"',
+    ),
+    "grpo no_signal_patience: -1": ("grpo", {"no_signal_patience": -1}, r"no_signal_patience: must be >= 0"),
+    "grpo sync_ref_model, ref_model_sync_steps: 0": (
+        "grpo",
+        {"sync_ref_model": True, "ref_model_sync_steps": 0},
+        r"ref_model_sync_steps: must be at least 1",
+    ),
+    # LoRA
+    "lora lora_r: 0": ("lora", {"lora_r": 0}, r"lora_r must be at least 1"),
+    "lora lora_r: 2.5": ("lora", {"lora_r": 2.5}, r"lora_r.*2.5"),
+    "lora lora_alpha: 0": ("lora", {"lora_alpha": 0}, r"lora_alpha: must be in \(0, inf\]"),
+    "lora lora_alpha: -8": ("lora", {"lora_alpha": -8}, r"lora_alpha: must be in \(0, inf\]"),
+    "lora lora_dropout: 1": ("lora", {"lora_dropout": 1}, r"lora_dropout: must be in \[0, 1\)"),
+    "lora lora_dropout: -0.1": ("lora", {"lora_dropout": -0.1}, r"lora_dropout: must be in \[0, 1\)"),
+    "lora lora_init_std: 0": ("lora", {"lora_init_std": 0}, r"lora_init_std: must be in \(0, inf\]"),
+    "lora lora_init_std: -1": ("lora", {"lora_init_std": -1}, r"lora_init_std: must be in \(0, inf\]"),
+    "lora lora_target_modules: []": ("lora", {"lora_target_modules": []}, r"lora_target_modules: must name"),
+    "lora lora_target_modules: ['']": ("lora", {"lora_target_modules": [""]}, r"lora_target_modules: must name"),
+    "lora model_name_or_path: null": ("lora", {"model_name_or_path": None}, r"LoRA adapts an existing model"),
+    "lora model_name_or_path: missing": ("lora", {"model_name_or_path": "no/m"}, r"no/m: no such model"),
+    "lora output_dir: the model": (
+        "lora",
+        lambda d: {"output_dir": str(d / "model"), "overwrite_output_dir": True},
+        r"output_dir .*model is model_name_or_path",
+    ),
+    "lora output_dir: inside the model": (
+        "lora",
+        lambda d: {"output_dir": str(d / "model" / "lora")},
+        r"output_dir .*lora lies inside model_name_or_path",
+    ),
+    # Reasoning SFT (recipes/reason.yaml: the SFT stage with tag weighting)
+    "reason tag_loss_weight: -10": ("sft", {"tag_loss_weight": -10}, r"tag_loss_weight: must be in \[0, inf\]"),
+    "reason tag_loss_weight: .inf": ("sft", {"tag_loss_weight": float("inf")}, r"tag_loss_weight: must be in"),
+    "reason tag_loss_weight: ten": ("sft", {"tag_loss_weight": "ten"}, r"--tag_loss_weight.*invalid float value"),
+    "reason tag_tokens: ['']": ("sft", {"tag_loss_weight": 10, "tag_tokens": [""]}, r"tag_tokens: must be non-empty"),
+    "reason tag_tokens: []": ("sft", {"tag_loss_weight": 10, "tag_tokens": []}, r"tag_tokens: must be non-empty"),
+    "reason tag_tokens: 5": ("sft", {"tag_loss_weight": 10, "tag_tokens": 5}, r"tag_tokens: expected a list"),
+    "reason neftune_noise_alpha: -1": ("sft", {"neftune_noise_alpha": -1}, r"neftune_noise_alpha: must be in"),
+    "reason output_dir: the model": (
+        "sft",
+        lambda d: {"output_dir": str(d / "model"), "overwrite_output_dir": True},
+        r"output_dir .*model is model_name_or_path",
+    ),
+}
+STAGE_MAINS = {"dpo": dpo.main, "grpo": grpo.main, "lora": lora.main, "sft": sft.main}
+
+
+@pytest.mark.parametrize(("stage", "overrides", "message"), STAGE_CASES.values(), ids=STAGE_CASES.keys())
+def test_stage_recipe_key_with_a_bad_value(stage_work, capsys, monkeypatch, stage, overrides, message):
+    overrides = overrides(stage_work) if callable(overrides) else overrides
+    argv = ["--config", str(stage_recipe(stage, stage_work, overrides))]
+    before = sorted(p.name for p in (stage_work / "model").iterdir())
+    line = one_error_line(lambda: run_cli(lambda: STAGE_MAINS[stage](argv)), capsys)
+    assert re.search(message, line), line
+    assert not (stage_work / "out").exists(), "output_dir was created before the error"
+    assert sorted(p.name for p in (stage_work / "model").iterdir()) == before, "the start model was touched"
+
+
+CONVERT_CASES = {
+    "hf2pth of a missing source": (["hf2pth", "no/model", "{root}/m.pth"], r"no/model: no such model"),
+    "hf2pth into a directory": (["hf2pth", "{model}", "{root}/a_dir"], r"a_dir: is a directory"),
+    "hf2pth over its source": (["hf2pth", "{model}", "{model}"], r"the output would overwrite the source"),
+    "pth2hf of a data file": (["pth2hf", "{root}/eval.jsonl", "{root}/hf"], r"error: .*eval.jsonl"),
+    "pth2hf --dtype float8": (["pth2hf", "{model}", "{root}/hf", "--dtype", "float8"], r"invalid choice"),
+    "pth2hf --hidden_size of another model": (
+        ["pth2hf", "{model}", "{root}/hf", "--hidden_size", "64"],
+        r"has hidden_size=32",
+    ),
+    "hf2llama without a tokenizer": (
+        ["hf2llama", "{root}/m.pth", "{root}/llama"],
+        r"error: ",
+    ),
+    "hf2qwen3 of a MiniMind2 model": (["hf2qwen3", "{model}", "{root}/q3"], r"has no Qwen3 equivalent"),
+    "merge-lora of a model directory": (["merge-lora", "{model}", "{root}/merged"], r"not a PEFT adapter directory"),
+    "lorapth2peft without --base": (["lorapth2peft", "{root}/x.pth", "{root}/peft"], r"--base"),
+    "lorapth2peft of a missing file": (
+        ["lorapth2peft", "{root}/no.pth", "{root}/peft", "--base", "{model}"],
+        r"no.pth: no such",
+    ),
+    "peft2lorapth of a model directory": (["peft2lorapth", "{model}", "{root}/l.pth"], r"error: "),
+    "no command": ([], r"required: command"),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), CONVERT_CASES.values(), ids=CONVERT_CASES.keys())
+def test_convert_with_bad_arguments(tiny_model, capsys, argv, message):
+    from minimind_hf import convert
+
+    argv = [arg.format(model=tiny_model, root=tiny_model.parent) for arg in argv]
+    line = one_error_line(lambda: convert.main(argv), capsys)
+    assert re.search(message, line), line
+
+
+TOKENIZER_CASES = {
+    "files: []": ({"files": []}, r"files: no corpus given"),
+    "files: missing": ({"files": ["no/corpus.jsonl"]}, r"files: no/corpus.jsonl: no such file"),
+    "files: a directory": (lambda d: {"files": [str(d / "a_dir")]}, r"a_dir: is a directory"),
+    "files: 5": ({"files": 5}, r"files: expected a list of strings, got 5"),
+    "files: not JSON": (lambda d: {"files": [str(d / "bad.jsonl")]}, r"bad.jsonl:1: not JSON"),
+    "vocab_size: 10": ({"vocab_size": 10}, r"vocab_size: must be at least 259"),
+    "vocab_size: big": ({"vocab_size": "big"}, r"--vocab_size.*invalid int value"),
+    "output_dir: a file": (lambda d: {"output_dir": str(d / "sft.jsonl")}, r"output_dir: .*sft.jsonl"),
+    "output_dir: ''": ({"output_dir": ""}, r"output_dir: '' is not a directory"),
+    "unknown key": ({"vocab_sise": 300}, r"unknown key 'vocab_sise' \(did you mean 'vocab_size'\?\)"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "message"), TOKENIZER_CASES.values(), ids=TOKENIZER_CASES.keys())
+def test_tokenizer_recipe_with_bad_values(work, capsys, overrides, message):
+    import yaml
+
+    from minimind_hf.testing import load_script
+
+    overrides = overrides(work) if callable(overrides) else overrides
+    recipe = {"files": [str(work / "sft.jsonl")], "output_dir": str(work / "tok"), "vocab_size": 300, **overrides}
+    (work / "tokenizer.yaml").write_text(yaml.safe_dump(recipe))
+    script = load_script(REPO / "recipes" / "tokenizer.py")
+    line = one_error_line(lambda: run_cli(lambda: script.main(["--config", str(work / "tokenizer.yaml")])), capsys)
+    assert re.search(message, line), line
+    assert not (work / "tok").exists()

@@ -120,7 +120,8 @@ def tokenizer_of_another_vocabulary(tmp_path: Path, earlier_run: Path) -> dict:
     return {
         "model_name_or_path": str(tmp_path / "out"),
         "tokenizer_name_or_path": str(tmp_path / "other_tokenizer"),
-        "output_dir": str(tmp_path / "out"),
+        # Not `out` itself: a run may not write over the model it starts from (tests/test_stage_guards.py).
+        "output_dir": str(tmp_path / "next"),
     }
 
 

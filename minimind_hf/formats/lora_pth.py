@@ -14,6 +14,7 @@ from torch import nn
 
 from ..checkpointing import atomic_write
 from ..errors import LoraFileError
+from .precision import narrow
 from .pth import read_state_dict
 
 PTH_A, PTH_B = ".lora.A.weight", ".lora.B.weight"
@@ -70,8 +71,10 @@ def load_lora_pth(model: nn.Module, path: str | os.PathLike) -> PeftModel:
     dtype = next(model.parameters()).dtype
     state = {}
     for name, (a, b) in pairs.items():
-        state[f"{PEFT_PREFIX}{name}{PEFT_A}"] = a.to(dtype)
-        state[f"{PEFT_PREFIX}{name}{PEFT_B}"] = b.to(dtype)
+        state[f"{PEFT_PREFIX}{name}{PEFT_A}"] = a
+        state[f"{PEFT_PREFIX}{name}{PEFT_B}"] = b
+    # The model's dtype may be narrower than the file's: an overflow is refused, naming the tensor.
+    state = narrow(state, dtype, str(path))
     result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:
         raise LoraFileError(f"{path}: tensors PEFT did not place: {result.unexpected_keys[:4]}")

@@ -21,6 +21,7 @@ import torch
 
 from ..configuration_minimind3 import MiniMind3Config
 from ..modeling_minimind3 import MiniMind3ForCausalLM
+from .precision import narrow
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -147,11 +148,8 @@ def minimind3_pth_state(model: MiniMind3ForCausalLM) -> dict[str, torch.Tensor]:
 
     A weight beyond fp16's range would be written as inf: refused, naming it.
     """
-    limit = torch.finfo(torch.float16).max
     state = unfuse_experts({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
     if model.config.tie_word_embeddings:
         state[HEAD] = state[EMBED]
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and tensor.numel() and tensor.abs().max().item() > limit:
-            raise ValueError(f"{key} holds {tensor.abs().max().item():.4g}, beyond fp16's range (+-{limit:.0f})")
-    return {k: v.to(torch.float16).clone() for k, v in state.items()}
+    # The same check as MiniMind2's save_pth (`precision.narrow`), so both refuse with one message.
+    return {k: v.clone() for k, v in narrow(state, torch.float16, "the .pth").items()}

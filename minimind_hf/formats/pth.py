@@ -13,6 +13,7 @@ import torch
 from ..checkpointing import atomic_write
 from ..configuration_minimind import MiniMindConfig
 from ..modeling_minimind import MiniMindForCausalLM
+from .precision import narrow
 
 # DDP and torch.compile wrap the model and MiniMind saved whatever the wrapper's state_dict gave.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -84,8 +85,11 @@ def load_pth(
 
 
 def save_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> Path:
-    """Save in MiniMind's format: flat fp16 state dict with both tied names, written atomically."""
-    state = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
+    """Save in MiniMind's format: flat fp16 state dict with both tied names, written atomically.
+
+    A weight beyond fp16's range is refused, naming it (`precision.narrow`), before anything is written.
+    """
+    state = narrow({k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}, torch.float16, str(path))
     if model.config.tie_word_embeddings:
         state[TIED[0]] = state[TIED[1]]
     path = Path(path)

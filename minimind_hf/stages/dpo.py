@@ -54,6 +54,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from ..checks import check_choice, check_number
 from ..data import (
     IGNORE_INDEX,
     InvalidRecord,
@@ -222,6 +223,70 @@ class DPOArguments(MiniMindArguments):
                 raise RecipeError(f"ref_model_name_or_path {err}") from err
 
 
+# What TRL 1.16's DPOTrainer accepts (`_compute_loss`, `__init__`), checked before any work: the trainer itself
+# rejects an unknown value only when it computes the first loss, after the data and both models are loaded.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "sigmoid_norm",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses TRL generalizes to another f-divergence (`f_divergence_loss_types` in DPOTrainer.__init__).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def check_dpo(args: DPOArguments, training_args: DPOConfig) -> None:
+    """The DPO keys whose value would invert, zero or break the objective, or that TRL rejects only late."""
+    # beta scales the log-ratio margin: 0 makes the loss a constant log 2, a negative beta prefers `rejected`.
+    check_number("beta", training_args.beta, low=0, low_open=True, why="0 learns nothing, < 0 prefers rejected")
+    losses = training_args.loss_type
+    if not losses:
+        raise RecipeError("loss_type: is empty; name at least one loss (the original's: sigmoid_norm)")
+    for loss in losses:
+        check_choice("loss_type", loss, DPO_LOSS_TYPES)
+    if training_args.loss_weights is not None:
+        for weight in training_args.loss_weights:
+            check_number("loss_weights", weight, low=0, why="a negative weight trains that loss backwards")
+        if not any(training_args.loss_weights):
+            raise RecipeError(f"loss_weights: are all 0 ({training_args.loss_weights}): nothing would be learned")
+    # Label smoothing is the assumed rate of flipped pairs: at 0.5 chosen and rejected are equally likely.
+    check_number("label_smoothing", training_args.label_smoothing, low=0, high=0.5, high_open=True)
+    if "exo_pair" in losses and training_args.label_smoothing == 0:
+        raise RecipeError("label_smoothing: exo_pair needs it above 0 (the EXO paper uses 1e-3)")
+    check_choice("f_divergence_type", training_args.f_divergence_type, F_DIVERGENCES)
+    if training_args.f_divergence_type != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSSES):
+        raise RecipeError(
+            f"f_divergence_type: {training_args.f_divergence_type} works only with loss_type "
+            f"{', '.join(F_DIVERGENCE_LOSSES)}; got {', '.join(losses)}"
+        )
+    check_number("f_alpha_divergence_coef", training_args.f_alpha_divergence_coef, low=0, low_open=True)
+    check_number("ld_alpha", training_args.ld_alpha, low=0, high=1)
+    check_number("discopop_tau", training_args.discopop_tau, low=0, low_open=True)
+    check_choice("truncation_mode", training_args.truncation_mode, ("keep_start", "keep_end"))
+    if training_args.use_weighting and {"aot", "aot_unpaired"} & set(losses):
+        raise RecipeError("use_weighting: TRL does not implement it for aot or aot_unpaired")
+    if training_args.precompute_ref_batch_size is not None and training_args.precompute_ref_batch_size < 1:
+        raise RecipeError(
+            f"precompute_ref_batch_size: must be at least 1, got {training_args.precompute_ref_batch_size}"
+        )
+    if training_args.sync_ref_model:
+        check_number("ref_model_mixup_alpha", training_args.ref_model_mixup_alpha, low=0, high=1)
+        if training_args.ref_model_sync_steps < 1:
+            raise RecipeError(f"ref_model_sync_steps: must be at least 1, got {training_args.ref_model_sync_steps}")
+
+
 def load_reference(args: DPOArguments, model: torch.nn.Module) -> torch.nn.Module:
     """The frozen reference model: `ref_model_name_or_path` in any form, else a copy of the policy as it starts
     (the original loads the same SFT weights twice)."""
@@ -347,6 +412,7 @@ DPO = Stage(
     config_class=DPOConfig,
     arguments_class=DPOArguments,
     build_trainer=build_dpo_trainer,
+    check=check_dpo,
     defaults={
         "data_path": ["data/dpo.jsonl"],
         # null: by the policy's generation (`resolve_generation_defaults`).

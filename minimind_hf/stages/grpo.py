@@ -53,6 +53,7 @@ remote-code model with `get_score` (InternLM2-1.8B-Reward), scoring the answer a
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import tempfile
@@ -66,6 +67,8 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import GRPOConfig, GRPOTrainer
 
+from ..checkpointing import checkpoint_step, resolve_resume
+from ..checks import check_choice, check_number
 from ..data import InvalidRecord, conversation_messages, load_records, register_format
 from ..errors import RecipeError
 from ..loading import source_kind
@@ -149,6 +152,13 @@ class GRPOArguments(MiniMindArguments):
     reward_model_clip: float | None = field(
         default=3.0, metadata={"help": "the reward model's score is clipped to +-this (MiniMind-3: 3); null: not"}
     )
+    no_signal_patience: int = field(
+        default=0,
+        metadata={
+            "help": "stop when every group's rewards were equal (every advantage 0) for this many steps in a row; "
+            "0: only log it. A window where no completion could be scored (every reward None/NaN) always stops"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,6 +170,93 @@ class GRPOArguments(MiniMindArguments):
             raise RecipeError(f"grpo_loss_averaging must be sequence, trl or null, not {self.grpo_loss_averaging!r}")
         if self.reward_model_clip is not None and self.reward_model_clip <= 0:
             raise RecipeError(f"reward_model_clip must be > 0 (or null), not {self.reward_model_clip}")
+
+
+# What TRL 1.16's GRPOTrainer accepts; it rejects other values only once the models are loaded, or mid-training.
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+# Rewards that score a row only through its `answer` (TRL's: `solution`, the same column): None without one.
+ANSWER_REWARDS = ("exact_match", "answer_match", "accuracy_reward", "reasoning_accuracy_reward")
+
+
+def generation_cycle(training_args: GRPOConfig) -> int:
+    """Optimizer steps per generation cycle: TRL generates once every `steps_per_generation * num_iterations`
+    micro-batches and reuses those completions until then. A cycle cut by a checkpoint cannot resume exactly (the
+    buffered completions are not saved), so checkpoints must fall on cycle boundaries."""
+    micro = training_args.steps_per_generation * training_args.num_iterations
+    return math.lcm(micro, training_args.gradient_accumulation_steps) // training_args.gradient_accumulation_steps
+
+
+def check_grpo(args: GRPOArguments, training_args: GRPOConfig) -> None:
+    """The GRPO keys whose value would invert or zero the objective, or that TRL rejects only late."""
+    check_number("temperature", training_args.temperature, low=0, low_open=True, why="sampling needs it above 0")
+    check_number("top_p", training_args.top_p, low=0, high=1, low_open=True)
+    check_number("min_p", training_args.min_p, low=0, high=1)
+    check_number("repetition_penalty", training_args.repetition_penalty, low=0, low_open=True)
+    if training_args.top_k < 0:
+        raise RecipeError(f"top_k: must be >= 0 (0: no top-k), got {training_args.top_k}")
+    # beta 0 is legal (no KL term, no reference model); a negative one would reward drifting from the reference.
+    check_number("beta", training_args.beta, low=0, why="a negative KL weight rewards drifting away")
+    check_number("epsilon", training_args.epsilon, low=0, why="the clipping range")
+    check_number("epsilon_high", training_args.epsilon_high, low=0)
+    check_number("delta", training_args.delta, low=1, low_open=True, why="the two-sided clip bound, above 1")
+    check_number("top_entropy_quantile", training_args.top_entropy_quantile, low=0, high=1)
+    for key in ("num_iterations", "steps_per_generation", "max_completion_length", "num_generations"):
+        value = getattr(training_args, key)
+        if value is not None and value < 1:
+            raise RecipeError(f"{key}: must be at least 1, got {value}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise RecipeError(f"max_prompt_length: must be at least 1 (null: no limit), got {args.max_prompt_length}")
+    if args.no_signal_patience < 0:
+        raise RecipeError(f"no_signal_patience: must be >= 0 (0: off), got {args.no_signal_patience}")
+    check_choice("loss_type", training_args.loss_type, GRPO_LOSS_TYPES)
+    check_choice("scale_rewards", training_args.scale_rewards, SCALE_REWARDS)
+    check_choice("importance_sampling_level", training_args.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    check_choice("multi_objective_aggregation", training_args.multi_objective_aggregation, AGGREGATIONS)
+    if training_args.importance_sampling_level == "sequence" and training_args.loss_type in (
+        "bnpo",
+        "dr_grpo",
+        "dapo",
+        "cispo",
+    ):
+        raise RecipeError(f"importance_sampling_level: sequence does not apply to loss_type {training_args.loss_type}")
+    rewards = len(args.reward_funcs) + bool(args.reward_model_name_or_path)
+    weights = training_args.reward_weights
+    if weights is not None:
+        if len(weights) != rewards:
+            raise RecipeError(
+                f"reward_weights: {len(weights)} weights for {rewards} rewards (the reward model first, then "
+                "reward_funcs)"
+            )
+        for weight in weights:
+            check_number("reward_weights", weight, low=0, why="a negative weight trains against that reward")
+        if not any(weights):
+            raise RecipeError(f"reward_weights: are all 0 ({weights}): every advantage would be 0")
+    if training_args.sync_ref_model:
+        check_number("ref_model_mixup_alpha", training_args.ref_model_mixup_alpha, low=0, high=1)
+        if training_args.ref_model_sync_steps < 1:
+            raise RecipeError(f"ref_model_sync_steps: must be at least 1, got {training_args.ref_model_sync_steps}")
+    _check_generation_cycle(training_args)
+
+
+def _check_generation_cycle(training_args: GRPOConfig) -> None:
+    cycle = generation_cycle(training_args)
+    if cycle == 1:
+        return
+    what = (
+        f"a generation cycle is {cycle} optimizer steps (steps_per_generation {training_args.steps_per_generation} x "
+        f"num_iterations {training_args.num_iterations} / gradient_accumulation_steps "
+        f"{training_args.gradient_accumulation_steps}), whose completions a checkpoint does not hold"
+    )
+    save_steps = training_args.save_steps
+    if training_args.save_strategy == "steps" and save_steps >= 1 and int(save_steps) % cycle:
+        raise RecipeError(f"save_steps: must be a multiple of {cycle}: {what}, so a resume would not be exact")
+    resume_from = resolve_resume(training_args)
+    step = checkpoint_step(resume_from) if resume_from is not None else None
+    if step is not None and step % cycle:
+        raise RecipeError(f"resume_from_checkpoint: {resume_from} was saved at step {step}, inside a cycle: {what}")
 
 
 def _prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, template_kwargs: dict):
@@ -281,6 +378,7 @@ def load_datasets(args: GRPOArguments, training_args: GRPOConfig, tokenizer: Pre
         )
 
     train, evaluation = load(args.data_path), load(args.eval_data_path) if args.eval_data_path else None
+    _check_rows_can_be_scored(args, train)
     ratio = args.thinking_ratio
     if ratio is None and takes_open_thinking(tokenizer):
         ratio = DEFAULT_THINKING_RATIO
@@ -288,6 +386,19 @@ def load_datasets(args: GRPOArguments, training_args: GRPOConfig, tokenizer: Pre
         train = render_prompts(train, tokenizer, ratio, training_args.seed)
         evaluation = None if evaluation is None else render_prompts(evaluation, tokenizer, ratio, training_args.seed)
     return train, evaluation
+
+
+def _check_rows_can_be_scored(args: GRPOArguments, dataset: Dataset) -> None:
+    """Refuse data on which no reward can ever be computed: every reward reads the `answer` and no row has one
+    (MiniMind's RLAIF rows). Training would log loss 0 at every step and save the unchanged model."""
+    if args.reward_model_name_or_path or not set(args.reward_funcs) <= set(ANSWER_REWARDS):
+        return
+    if all(answer is None for answer in dataset["answer"]):
+        raise RecipeError(
+            f'data_path: none of the {len(dataset)} rows has an "answer", which every reward of reward_funcs '
+            f"({', '.join(args.reward_funcs)}) needs: no completion could be scored. Add answers, or a reward that "
+            "needs none (reasoning_format, reasoning_tags, a reward model)"
+        )
 
 
 def resolve_generation_defaults(model, args: GRPOArguments, training_args: GRPOConfig) -> None:
@@ -436,6 +547,7 @@ GRPO = Stage(
     config_class=GRPOConfig,
     arguments_class=GRPOArguments,
     build_trainer=build_grpo_trainer,
+    check=check_grpo,
     defaults={
         "data_path": ["data/grpo.jsonl"],
         "learning_rate": 8e-8,

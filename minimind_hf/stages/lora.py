@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..checks import check_number
 from ..errors import RecipeError
 from ..formats.lora_pth import save_lora_pth, set_base_model
 from ..training import MiniMindArguments, run_cli, run_recipe
@@ -119,6 +120,18 @@ class LoraArguments(MiniMindArguments):
             self.lora_target_modules = "all-linear"
 
 
+def check_lora(args: LoraArguments, training_args) -> None:
+    """The adapter keys that would make it learn nothing, or backwards (`lora_r` is checked on parsing)."""
+    # alpha scales the adapter's output (alpha / r): 0 zeroes it, a negative one flips its sign.
+    check_number("lora_alpha", args.lora_alpha, low=0, low_open=True, why="the adapter's scale is alpha / r")
+    check_number("lora_dropout", args.lora_dropout, low=0, high=1, high_open=True, why="a dropout probability")
+    # With A = 0 and B = 0 neither gets a gradient (each one's is a product with the other): the adapter never moves.
+    check_number("lora_init_std", args.lora_init_std, low=0, low_open=True, why="0 leaves A and B at 0 forever")
+    targets = args.lora_target_modules
+    if isinstance(targets, list) and (not targets or any(not str(name).strip() for name in targets)):
+        raise RecipeError(f"lora_target_modules: must name modules (or be null for the original's), got {targets}")
+
+
 def build_lora_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, callbacks=(), args=None):
     """The SFT trainer on the model wrapped with the adapter.
 
@@ -154,6 +167,7 @@ LORA = dataclasses.replace(
     build_trainer=build_lora_trainer,
     finished_model=finished_model,
     write_pth=save_lora_pth,
+    check=check_lora,
     defaults={
         **SFT.defaults,
         "learning_rate": 1e-4,
