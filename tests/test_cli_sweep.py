@@ -341,11 +341,19 @@ STAGE_CASES = {
     "dpo loss_type: ''": ("dpo", {"loss_type": ""}, r"loss_type: must be one of .*got ''"),
     "dpo loss_weights: wrong length": (
         "dpo",
-        {"loss_weights": [1.0, 1.0]},
+        {"loss_type": ["sigmoid_norm"], "loss_weights": [1.0, 1.0]},
         r"loss_weights` must have the same length",
     ),
-    "dpo loss_weights: [0]": ("dpo", {"loss_weights": [0.0]}, r"loss_weights: are all 0"),
-    "dpo loss_weights: [-1]": ("dpo", {"loss_weights": [-1.0]}, r"loss_weights: must be in \[0, inf\]"),
+    "dpo loss_weights: [0]": (
+        "dpo",
+        {"loss_type": ["sigmoid_norm"], "loss_weights": [0.0]},
+        r"loss_weights: are all 0",
+    ),
+    "dpo loss_weights: [-1]": (
+        "dpo",
+        {"loss_type": ["sigmoid_norm"], "loss_weights": [-1.0]},
+        r"loss_weights: must be in \[0, inf\]",
+    ),
     "dpo label_smoothing: 0.5": ("dpo", {"label_smoothing": 0.5}, r"label_smoothing: must be in \[0, 0.5\)"),
     "dpo label_smoothing: -0.1": ("dpo", {"label_smoothing": -0.1}, r"label_smoothing: must be in"),
     "dpo exo_pair without smoothing": ("dpo", {"loss_type": "exo_pair"}, r"label_smoothing: exo_pair needs it"),

@@ -74,7 +74,7 @@ def test_sft_output_dir_holding_the_tokenizer_is_refused(tmp_path, base):
         (dpo, {"beta": -0.5}, r"beta: must be in \(0, inf\], got -0.5"),
         (dpo, {"beta": 0.0}, r"beta: must be in \(0, inf\]"),
         (dpo, {"label_smoothing": 0.5}, r"label_smoothing: must be in \[0, 0.5\)"),
-        (dpo, {"loss_weights": [0.0]}, r"loss_weights: are all 0"),
+        (dpo, {"loss_type": ["sigmoid_norm"], "loss_weights": [0.0]}, r"loss_weights: are all 0"),
         (grpo, {"temperature": 0.0}, r"temperature: must be in \(0, inf\]"),
         (grpo, {"epsilon": -0.1}, r"epsilon: must be in \[0, inf\]"),
         (grpo, {"beta": -0.02}, r"beta: must be in \[0, inf\]"),

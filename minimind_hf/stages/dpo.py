@@ -252,8 +252,9 @@ def check_dpo(args: DPOArguments, training_args: DPOConfig) -> None:
     # beta scales the log-ratio margin: 0 makes the loss a constant log 2, a negative beta prefers `rejected`.
     check_number("beta", training_args.beta, low=0, low_open=True, why="0 learns nothing, < 0 prefers rejected")
     losses = training_args.loss_type
-    if not losses:
+    if losses is not None and not losses:
         raise RecipeError("loss_type: is empty; name at least one loss (the original's: sigmoid_norm)")
+    losses = losses or []  # null: dpo_logprob_reduction and the policy's generation decide (see the module doc)
     for loss in losses:
         check_choice("loss_type", loss, DPO_LOSS_TYPES)
     if training_args.loss_weights is not None:
@@ -266,7 +267,7 @@ def check_dpo(args: DPOArguments, training_args: DPOConfig) -> None:
     if "exo_pair" in losses and training_args.label_smoothing == 0:
         raise RecipeError("label_smoothing: exo_pair needs it above 0 (the EXO paper uses 1e-3)")
     check_choice("f_divergence_type", training_args.f_divergence_type, F_DIVERGENCES)
-    if training_args.f_divergence_type != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSSES):
+    if training_args.f_divergence_type != "reverse_kl" and losses and not set(losses) <= set(F_DIVERGENCE_LOSSES):
         raise RecipeError(
             f"f_divergence_type: {training_args.f_divergence_type} works only with loss_type "
             f"{', '.join(F_DIVERGENCE_LOSSES)}; got {', '.join(losses)}"

@@ -211,7 +211,8 @@ def check_grpo(args: GRPOArguments, training_args: GRPOConfig) -> None:
         raise RecipeError(f"max_prompt_length: must be at least 1 (null: no limit), got {args.max_prompt_length}")
     if args.no_signal_patience < 0:
         raise RecipeError(f"no_signal_patience: must be >= 0 (0: off), got {args.no_signal_patience}")
-    check_choice("loss_type", training_args.loss_type, GRPO_LOSS_TYPES)
+    if training_args.loss_type is not None:  # null: the policy's generation decides (see the module doc)
+        check_choice("loss_type", training_args.loss_type, GRPO_LOSS_TYPES)
     check_choice("scale_rewards", training_args.scale_rewards, SCALE_REWARDS)
     check_choice("importance_sampling_level", training_args.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     check_choice("multi_objective_aggregation", training_args.multi_objective_aggregation, AGGREGATIONS)
