@@ -404,15 +404,17 @@ def run_recipe(
             import swanlab
 
             swanlab.finish()
-    # As TRL's own scripts end: finish the trackers and leave the process group (a no-op in one process).
-    trainer.end()
     return trainer
 
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a recipe from the command line: bad input prints one `error: ...` line and exits 1, no traceback."""
     try:
-        main()
+        trainer = main()
+        # As TRL's scripts end, once, at the very end of the script: finish the trackers and leave the process
+        # group. Not in `run_recipe`, which a script may call more than once (LoRA, then DPO, in one process).
+        if isinstance(trainer, Trainer):
+            trainer.end()
     except MiniMindError as err:
         # One line, whatever a library put in the message: the last line of the output is the whole error.
         sys.exit("error: " + " ".join(str(err).split()))

@@ -269,15 +269,16 @@ from accelerate import PartialState
 from minimind_hf.stages import dpo, lora
 
 for recipe, names in [(lora, ["adapter_model.safetensors", "adapter_config.json"]), (dpo, ["model.safetensors"])]:
+    stem = recipe.__name__.rsplit(".", 1)[-1]
     for run in "ab":
-        recipe.main(["--config", {tmp!r} + f"/{{recipe.__name__}}-{{run}}.yaml"])
-    out = Path({tmp!r}, f"{{recipe.__name__}}-b")
+        recipe.main(["--config", {tmp!r} + f"/{{stem}}-{{run}}.yaml"])
+    out = Path({tmp!r}, f"{{stem}}-b")
     if PartialState().is_main_process:
         shutil.rmtree(out / "checkpoint-4")
         for name in [*names, "model_complete.json"]:
             (out / name).unlink()
     PartialState().wait_for_everyone()
-    recipe.main(["--config", {tmp!r} + f"/{{recipe.__name__}}-b.yaml", "--resume_from_checkpoint", "true"])
+    recipe.main(["--config", {tmp!r} + f"/{{stem}}-b.yaml", "--resume_from_checkpoint", "true"])
 """
 
 
