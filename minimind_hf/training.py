@@ -205,6 +205,14 @@ def parse_recipe(
     the wrong type (`learning_rate: fast`) are rejected by argparse with the key's name.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        # Every key with its type, default and help, from the dataclasses (TRL's and the project's).
+        parser = TrlParser(dataclass_types)
+        parser.usage = f"{Path(sys.argv[0]).name} --config RECIPE.yaml [--key value ...]"
+        known = _known_keys(dataclass_types)
+        parser.set_defaults(**{k: v for k, v in {**PROJECT_DEFAULTS, **(defaults or {})}.items() if k in known})
+        parser.print_help()
+        sys.exit(0)
     checks.check_command_line(argv)
     known = _known_keys(dataclass_types)
     if "--config" in argv:

@@ -5,6 +5,7 @@ Each case runs the real command in-process through its `main(argv)` (the recipes
 `python recipes/sft.py` does), so a case that reached training would be slow and a traceback would fail it.
 """
 
+import importlib
 import json
 import re
 import shutil
@@ -574,3 +575,15 @@ def test_tokenizer_recipe_with_bad_values(work, capsys, overrides, message):
     line = one_error_line(lambda: run_cli(lambda: script.main(["--config", str(work / "tokenizer.yaml")])), capsys)
     assert re.search(message, line), line
     assert not (work / "tok").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "lora", "distill", "pretrain"])
+def test_a_recipe_says_its_keys_and_their_defaults_with_help(stage, capsys):
+    module = importlib.import_module(f"minimind_hf.stages.{stage}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config RECIPE.yaml" in out and "--learning_rate" in out and "--minimind_version" in out
+    # The project's defaults, not TRL's: MiniMind's cosine schedule to 10% of the peak.
+    assert "cosine_with_min_lr" in out
