@@ -34,7 +34,8 @@ as rendered text (its messages stay in `prompt_messages` for a reward model).
 `grpo_loss_averaging`: `sequence` (the original's: each sequence's per-token loss averaged over its completion
 tokens, then over sequences) or `trl` (whatever TRL does for `loss_type`). For `loss_type: grpo` TRL already averages
 per sequence; its `cispo` averages over all tokens of the batch, and no TRL option gives per-sequence CISPO, so
-`sequence` (the default) makes `MiniMindGRPOTrainer.compute_loss` compute the loss itself for `grpo` and `cispo`:
+`sequence` (the default for cispo and for MiniMind-3; MiniMind2's grpo keeps TRL's loss, as the seed trained it)
+makes `MiniMindGRPOTrainer.compute_loss` compute the loss itself for `grpo` and `cispo`:
 
     ratio = exp(logp - old_logp), KL = exp(ref - logp) - (ref - logp) - 1
     grpo:  -(min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) - beta * KL)
@@ -146,7 +147,7 @@ class GRPOArguments(MiniMindArguments):
         default=None,
         metadata={
             "help": "sequence (the original: per sequence, then over sequences; grpo and cispo) or trl (TRL's own "
-            "for loss_type); null: sequence for grpo and cispo, trl otherwise"
+            "for loss_type); null: sequence for cispo and for MiniMind-3, trl (per sequence already) for MiniMind2 grpo"
         },
     )
     reward_model_clip: float | None = field(
@@ -413,7 +414,10 @@ def resolve_generation_defaults(model, args: GRPOArguments, training_args: GRPOC
     if training_args.epsilon_high is None and training_args.loss_type == "cispo":
         training_args.epsilon_high = CISPO_EPSILON_HIGH
     if args.grpo_loss_averaging is None:
-        args.grpo_loss_averaging = "sequence" if training_args.loss_type in ("grpo", "cispo") else "trl"
+        # TRL's `grpo` already averages per sequence: MiniMind2 keeps TRL's loss exactly as the seed trained it.
+        # MiniMind-3 needs the override for its MoE aux loss, and TRL's `cispo` averages over the whole batch.
+        per_sequence = training_args.loss_type == "cispo" or (generation == 3 and training_args.loss_type == "grpo")
+        args.grpo_loss_averaging = "sequence" if per_sequence else "trl"
     if args.grpo_loss_averaging == "sequence" and training_args.loss_type not in ("grpo", "cispo"):
         raise RecipeError(
             f"grpo_loss_averaging: sequence applies to loss_type grpo and cispo, not {training_args.loss_type}"
