@@ -262,7 +262,9 @@ def assistant_turn_text(message: dict) -> str:
         text = f"{message['reasoning_content']}\n{THINK_CLOSE}\n\n{text}"
     for call in message.get("tool_calls") or []:
         function = call.get("function", call) if isinstance(call, dict) else {}
-        body = json.dumps({"name": function.get("name"), "arguments": function.get("arguments", {})}, ensure_ascii=False)
+        body = json.dumps(
+            {"name": function.get("name"), "arguments": function.get("arguments", {})}, ensure_ascii=False
+        )
         text += ("\n" if text else "") + f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
     return text
 

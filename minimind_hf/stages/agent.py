@@ -190,13 +190,17 @@ def _row_check(tools: dict[str, Tool], tokenizer: PreTrainedTokenizerBase, templ
     def check(row: dict) -> None:
         for name in tool_names(row):
             if name not in tools:
-                raise InvalidRecord("unknown_tool", f"tool {name!r} is not among the recipe's tools ({', '.join(tools)})")
+                raise InvalidRecord(
+                    "unknown_tool", f"tool {name!r} is not among the recipe's tools ({', '.join(tools)})"
+                )
         if limit is not None:
             ids = tokenizer.apply_chat_template(
                 row["prompt"], chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
             )
             if len(ids) > limit:
-                raise InvalidRecord("prompt_too_long", f"the prompt is {len(ids)} tokens, over max_prompt_length={limit}")
+                raise InvalidRecord(
+                    "prompt_too_long", f"the prompt is {len(ids)} tokens, over max_prompt_length={limit}"
+                )
 
     return check
 
