@@ -37,13 +37,25 @@ MATH = call("calculate_math", expression="12*7")
         # The same with a wrong answer: +0.5 only.
         ([MATH, "The answer is 85."], ["84"], False, 0.5),
         # Two gt items, one found: +0.5 + 2.5 * 1/2.
-        ([MATH, call("unit_converter", value=5, from_unit="km", to_unit="miles"), "84 and 3.1"],
-         ["84", "3.1069"], False, 1.75),
+        (
+            [MATH, call("unit_converter", value=5, from_unit="km", to_unit="miles"), "84 and 3.1"],
+            ["84", "3.1069"],
+            False,
+            1.75,
+        ),
         # Unknown tool: 0 valid, 1 invalid: gap |0 - 1| + 1 = 2, -1.0; the answer holds 84, +2.5. 1.5.
         ([call("launch_rockets"), "done: 84"], ["84"], False, 1.5),
         # A required argument missing (from_unit) is invalid; value 0 is there: gap |1 - 1| + 1 = 1, -0.5; +2.5.
-        ([call("unit_converter", value=5, to_unit="miles"), call("unit_converter", value=0, from_unit="km",
-          to_unit="miles"), "84"], ["84"], False, 2.0),
+        (
+            [
+                call("unit_converter", value=5, to_unit="miles"),
+                call("unit_converter", value=0, from_unit="km", to_unit="miles"),
+                "84",
+            ],
+            ["84"],
+            False,
+            2.0,
+        ),
         # A tool the row does not offer is invalid even though the registry has it: like the unknown tool.
         ([call("get_current_time"), "done: 84"], ["84"], False, 1.5),
         # Unfinished after three calling turns: 3 valid for 1 gt item, gap 2, -1.0; no final answer; -0.5; the
@@ -98,7 +110,9 @@ def test_trl_trajectories_are_scored_from_their_messages():
     asked = {
         "role": "assistant",
         "content": "",
-        "tool_calls": [{"type": "function", "function": {"name": "calculate_math", "arguments": {"expression": "12*7"}}}],
+        "tool_calls": [
+            {"type": "function", "function": {"name": "calculate_math", "arguments": {"expression": "12*7"}}}
+        ],
     }
     replied = {"role": "tool", "name": "calculate_math", "content": '{"result": "84"}'}
     done = [asked, replied, {"role": "assistant", "content": "The answer is 84."}]

@@ -77,6 +77,7 @@ MESSAGE = {
     "tool_calls": List({"name": Value("string"), "arguments": Value("string")}),
     "open_thinking": Value("bool"),
 }
+EMPTY_ANSWER = {"role": "assistant", "content": ""}
 AGENT_FEATURES = Features({"prompt": List(MESSAGE), "gt": List(Value("string"))})
 
 
@@ -94,15 +95,16 @@ def _agent_row(record: dict) -> dict:
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise InvalidRecord("bad_conversations", '"conversations" is not a non-empty list')
+    answered = isinstance(conversations[-1], dict) and conversations[-1].get("role") == "assistant"
     try:
-        messages = t2t.validate_messages(conversations)
+        # A row without the left-out turn is checked as if it had it (t2t's rules want an assistant turn).
+        messages = t2t.validate_messages(conversations if answered else [*conversations, EMPTY_ANSWER])
     except t2t.Invalid as invalid:
         raise InvalidRecord(invalid.problem, invalid.detail) from None
     if messages[0]["role"] != "system" or not messages[0].get("tools"):
         raise InvalidRecord("no_tools", "the first message must be a system message with tools")
     gt = _gt(record)
-    if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]  # the original's `messages[:-1]`: the turn the model is to write
+    messages = messages[:-1]  # the original's `messages[:-1]`: the turn the model is to write
     if messages[-1]["role"] not in ("user", "tool"):
         raise InvalidRecord("bad_order", "the conversation must end on a user or tool message (before the answer)")
     prompt = []
