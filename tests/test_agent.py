@@ -173,8 +173,8 @@ def test_prompt_shows_the_rows_own_schemas_and_thinking_draw(tmp_path, tokenizer
 def test_trains_on_tool_calling_trajectories_with_tool_replies_masked(tmp_path, tokenizer_dir, tool_caller):
     """The rollout is TRL's: the model's call runs, its result comes back, the model answers; the loss is the
     original's per-sequence cispo over the model's own tokens (tool replies and their template tokens masked)."""
-    recipe = write_recipe(tmp_path, tokenizer_dir, tool_caller, rows=[math_row()] * 4, max_completion_length=96,
-                          thinking_ratio=0.0, temperature=0.3, max_steps=2, learning_rate=1e-3, hidden_size=64)  # fmt: skip
+    settings = {"max_completion_length": 96, "thinking_ratio": 0.0, "temperature": 0.3, "max_steps": 2}
+    recipe = write_recipe(tmp_path, tokenizer_dir, tool_caller, rows=[math_row()] * 4, hidden_size=64, **settings)
     seen = []
 
     def record(trainer):
@@ -225,8 +225,9 @@ def test_evaluation_counts_a_solved_row(tmp_path, tool_caller):
 
 
 def test_evaluation_refuses_bad_agent_rows(tmp_path):
-    bad = with_conversation(conversations=[{"role": "system", "content": "", "tools": json.dumps(
-        [{"type": "function", "function": {"name": "launch_rockets"}}])}, {"role": "user", "content": "go"}])  # fmt: skip
+    tools = json.dumps([{"type": "function", "function": {"name": "launch_rockets"}}])
+    system = {"role": "system", "content": "", "tools": tools}
+    bad = with_conversation(conversations=[system, {"role": "user", "content": "go"}])
     path = write_jsonl(tmp_path / "agent_eval.jsonl", [math_row(), bad])
     with pytest.raises(DataError, match=r"agent_eval.jsonl:2: .*launch_rockets"):
         load_agent_rows(path)
