@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from minimind_hf.agent_tools import TOOLS
+from minimind_hf.agent_tools import BUILTIN_TOOLS, TOOLS
 from minimind_hf.errors import DataError, RecipeError
 from minimind_hf.evaluate import evaluate_agent, is_agent_file, load_agent_rows
 from minimind_hf.stages import agent
@@ -266,3 +266,21 @@ def test_resume_after_an_interruption_is_exact(tmp_path, tokenizer_dir):
     assert max_abs_diff(final_weights(tmp_path / "straight"), final_weights(policy)) > 0, "the steps trained"
     diff = max_abs_diff(final_weights(tmp_path / "straight"), final_weights(out))
     assert diff == 0.0
+
+
+def test_shipped_recipe_parses_with_the_originals_defaults():
+    from minimind_hf.training import parse_recipe
+
+    stage = agent.AGENT
+    config = ["--config", str(REPO_ROOT / "recipes" / "agent.yaml")]
+    args, training_args = parse_recipe((stage.arguments_class, stage.config_class), config, stage.defaults)
+    assert (args.max_turns, args.thinking_ratio, args.reward_funcs) == (3, 0.1, ["agent_reward"])
+    assert training_args.num_generations == 4 and training_args.loss_type == "cispo"
+    assert (training_args.beta, training_args.epsilon, training_args.epsilon_high) == (0.1, 0.2, 5.0)
+    assert args.tools == list(BUILTIN_TOOLS) and training_args.learning_rate == 3e-7
+    # The stage's own defaults are the original's too, for a recipe that names none of them.
+    bare = ["--output_dir", "x"]
+    args, training_args = parse_recipe((stage.arguments_class, stage.config_class), bare, stage.defaults)
+    assert (args.max_turns, training_args.num_generations, training_args.loss_type, training_args.beta) == (
+        3, 4, "cispo", 0.1,
+    )  # fmt: skip
