@@ -206,6 +206,7 @@ def test_trains_on_tool_calling_trajectories_with_tool_replies_masked(tmp_path, 
     # The final model is saved with the tokenizer's own template (the training copy stays with the trainer).
     saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("chat_template")
     assert saved is None or "messages[0].tools" not in saved
+    assert "messages[0].tools" not in load_tokenizer(tmp_path / "out").chat_template, "it loads as a known template"
 
 
 def test_evaluation_counts_a_solved_row(tmp_path, tool_caller):
