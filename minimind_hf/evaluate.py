@@ -35,11 +35,14 @@ import torch
 from tqdm import tqdm
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 
+from .agent_rows import tool_names
+from .agent_tools import TOOLS, run_tool
 from .chat import generate_replies
 from .cli_options import add_model_arguments, device_problem, load_from_args, non_negative_int, positive_int
 from .configuration_minimind import config_overrides_problem
-from .data import IGNORE_INDEX, encode_conversation, scan
+from .data import IGNORE_INDEX, InvalidRecord, encode_conversation, load_records, scan
 from .errors import DataError
+from .replies import gt_found, parse_call_blocks, split_reply
 
 
 def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None) -> list[dict]:
@@ -162,9 +165,6 @@ def is_agent_file(path: str | Path) -> bool:
 
 def load_agent_rows(path: str | Path) -> list[dict]:
     """Agent rows validated as the agent stage validates them (`file:line` errors), with their tool schemas."""
-    from .agent_tools import TOOLS
-    from .data import InvalidRecord, load_records
-    from .stages.agent import tool_names
 
     def check(row: dict) -> None:
         for name in tool_names(row):
@@ -187,10 +187,6 @@ def run_agent(
 ) -> dict:
     """One greedy trajectory: each reply's calls are run (`agent_tools.run_tool`) and answered as `tool` messages
     until a reply calls nothing or `max_turns` replies were written. `calls` holds each reply's calls."""
-    from .agent_tools import TOOLS, run_tool
-    from .replies import split_reply
-    from .rewards import parse_call_blocks
-
     names = {schema.get("function", schema).get("name") for schema in row["tools"]}
     messages, turns, calls, unfinished = list(row["prompt"]), [], [], False
     for turn in range(max_turns):
@@ -229,8 +225,6 @@ def evaluate_agent(
     max_new_tokens: int = 256,
 ) -> dict:
     """Tool-use figures of greedy trajectories over agent rows (see the module doc)."""
-    from .rewards import gt_found
-
     per_tool: dict[str, Counter] = {}
     solved = replies = replies_with_valid_call = unfinished = 0
     samples = []

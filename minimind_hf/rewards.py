@@ -39,9 +39,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .agent_tools import TOOLS
 from .chat import generate_replies
 from .cli_options import add_model_arguments, load_from_args
 from .evaluate import load_eval_rows
+from .replies import gt_found, parse_call_blocks
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
@@ -161,9 +163,6 @@ def minimind3_reward(completions: Sequence[Any], **kwargs) -> list[float]:
 # --- MiniMind-3's agent reward (`train_agent.py`'s `calculate_rewards`) -------------------------------------------
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _AGENT_TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
@@ -173,35 +172,6 @@ def agent_repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
     tokens = _AGENT_TOKENS.findall(text.lower())
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams)) if grams else 0.0
-
-
-def gt_found(text: str, gt: Sequence[Any]) -> set[str]:
-    """The `gt` items (as strings) found in `text`: as a case-insensitive substring, or, for a number, as any number
-    in the text within 1e-6 (thousands commas ignored). The original's `validate_gt_in_text`."""
-    text = str(text)
-    numbers = [float(x) for x in _NUMBER_IN_TEXT.findall(text.replace(",", ""))]
-    found = set()
-    for item in gt:
-        item = str(item).strip()
-        if item and item.lower() in text.lower():
-            found.add(item)
-        elif _NUMBER.fullmatch(item.replace(",", "")):
-            value = float(item.replace(",", ""))
-            if any(abs(value - n) < 1e-6 for n in numbers):
-                found.add(item)
-    return found
-
-
-def parse_call_blocks(text: str) -> list[Any]:
-    """The JSON of every `<tool_call>...</tool_call>` block; a block that is not JSON is left out, as the original's
-    `parse_tool_calls` does (so it costs nothing beyond an unbalanced tag)."""
-    calls = []
-    for block in _CALL_BLOCK.findall(text):
-        try:
-            calls.append(json.loads(block.strip()))
-        except ValueError:
-            continue
-    return calls
 
 
 def _after_think(turn: str) -> str:
@@ -296,8 +266,6 @@ def agent_reward(
     """MiniMind-3's agent reward (`agent_trajectory_reward`) of TRL trajectories: the row's tools come from its
     prompt's system message, the required arguments from the tool registry (`minimind_hf.agent_tools`), as the
     original's `CHECK_ARGS` does. None for a row without `gt` (not an agent row)."""
-    from .agent_tools import TOOLS
-
     rewards: list[float | None] = []
     prompts = prompts if prompts is not None else [None] * len(completions)
     gts = gt if gt is not None else [None] * len(completions)

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
+from .agent_tools import TOOLS
 from .configuration_minimind import MiniMindConfig
 from .configuration_minimind3 import MiniMind3Config
 from .formats.llama import llama_config
@@ -285,8 +286,6 @@ def save_minimind3_dir(model: torch.nn.Module, directory: str | os.PathLike, tok
 def agent_rows(n: int = 8) -> list[dict]:
     """Agent RL rows in the original's format (`agent_rl.jsonl`): the tool schemas as a JSON string on the system
     message, the last assistant turn empty (left out by the loader), and `gt` from the mock tools' tables."""
-    from .agent_tools import TOOLS
-
     def schemas(*names: str) -> str:
         return json.dumps([TOOLS[name].schema for name in names], ensure_ascii=False)
 

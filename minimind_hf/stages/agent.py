@@ -10,7 +10,7 @@ tool replies and the template tokens around them (`tool_mask`); the loss is the 
 `MiniMindGRPOTrainer`: the original's per-sequence `cispo` (default) or `grpo`, the k3 KL (beta 0.1) and MiniMind-3's
 MoE balance loss. The reward is `agent_reward` (`minimind_hf.rewards`), the original's.
 
-Rows (JSON Lines, checked line by line before any work; a bad one is a `file:line` one-line error):
+Rows (JSON Lines, `minimind_hf.agent_rows`, checked line by line before any work; a bad one is a `file:line` error):
 
     {"conversations": [{"role": "system", "content": "...", "tools": "[{\\"type\\": \\"function\\", ...}]"},
                        {"role": "user", "content": "What is 3 * 7?"},
@@ -42,18 +42,17 @@ Where this differs from the original, and why:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig
 from trl.chat_template_utils import qwen3_template
 
-from .. import t2t
+from ..agent_rows import tool_names
 from ..agent_tools import BUILTIN_TOOLS, Tool, resolve_tools
-from ..data import InvalidRecord, load_records, register_format
+from ..data import InvalidRecord, load_records
 from ..errors import RecipeError
 from ..rewards import RewardModelScore, resolve_reward_funcs
 from ..training import Stage, run_cli, run_recipe
@@ -67,78 +66,6 @@ from .grpo import (
     takes_open_thinking,
 )
 from .moe import has_minimind3_moe
-
-MESSAGE = {
-    "role": Value("string"),
-    "content": Value("string"),
-    "reasoning_content": Value("string"),
-    # The system message's tool schemas, one JSON string each (as the template prints them).
-    "tools": List(Value("string")),
-    "tool_calls": List({"name": Value("string"), "arguments": Value("string")}),
-    "open_thinking": Value("bool"),
-}
-EMPTY_ANSWER = {"role": "assistant", "content": ""}
-AGENT_FEATURES = Features({"prompt": List(MESSAGE), "gt": List(Value("string"))})
-
-
-def _gt(record: dict) -> list[str]:
-    if "gt" not in record:
-        raise InvalidRecord("missing_gt", 'no "gt" field (the list of expected answers)')
-    gt = record["gt"]
-    if not isinstance(gt, list) or not all(isinstance(g, str | int | float) and not isinstance(g, bool) for g in gt):
-        raise InvalidRecord("bad_gt", '"gt" is not a list of strings or numbers')
-    # str() is what the original compares with (`str(g)`), so numbers keep their meaning.
-    return [str(g) for g in gt]
-
-
-def _agent_row(record: dict) -> dict:
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise InvalidRecord("bad_conversations", '"conversations" is not a non-empty list')
-    answered = isinstance(conversations[-1], dict) and conversations[-1].get("role") == "assistant"
-    try:
-        # A row without the left-out turn is checked as if it had it (t2t's rules want an assistant turn).
-        messages = t2t.validate_messages(conversations if answered else [*conversations, EMPTY_ANSWER])
-    except t2t.Invalid as invalid:
-        raise InvalidRecord(invalid.problem, invalid.detail) from None
-    if messages[0]["role"] != "system" or not messages[0].get("tools"):
-        raise InvalidRecord("no_tools", "the first message must be a system message with tools")
-    gt = _gt(record)
-    messages = messages[:-1]  # the original's `messages[:-1]`: the turn the model is to write
-    if messages[-1]["role"] not in ("user", "tool"):
-        raise InvalidRecord("bad_order", "the conversation must end on a user or tool message (before the answer)")
-    prompt = []
-    for message in messages:
-        out = {"role": message["role"], "content": message["content"]}
-        if message.get("reasoning_content") is not None:
-            out["reasoning_content"] = message["reasoning_content"]
-        if message.get("tools"):
-            out["tools"] = [json.dumps(tool, ensure_ascii=False) for tool in message["tools"]]
-        if message.get("tool_calls"):
-            out["tool_calls"] = [
-                {
-                    "name": call["name"],
-                    "arguments": call["arguments"]
-                    if isinstance(call["arguments"], str)
-                    else json.dumps(call["arguments"], ensure_ascii=False),
-                }
-                for call in message["tool_calls"]
-            ]
-        prompt.append(out)
-    return {"prompt": prompt, "gt": gt}
-
-
-register_format("agent", _agent_row, AGENT_FEATURES)
-
-
-def tool_names(row: dict) -> list[str]:
-    """The names of the tools on a row's system message."""
-    names = []
-    for text in row["prompt"][0].get("tools") or []:
-        schema = json.loads(text)
-        names.append(schema.get("function", schema).get("name"))
-    return names
-
 
 # Put before the tokenizer's template: the row's own schemas (JSON strings on the system message) and its
 # `open_thinking` draw replace what TRL passes, and a schema that is already a string is printed as it is.
