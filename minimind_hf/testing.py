@@ -286,6 +286,7 @@ def save_minimind3_dir(model: torch.nn.Module, directory: str | os.PathLike, tok
 def agent_rows(n: int = 8) -> list[dict]:
     """Agent RL rows in the original's format (`agent_rl.jsonl`): the tool schemas as a JSON string on the system
     message, the last assistant turn empty (left out by the loader), and `gt` from the mock tools' tables."""
+
     def schemas(*names: str) -> str:
         return json.dumps([TOOLS[name].schema for name in names], ensure_ascii=False)
 
