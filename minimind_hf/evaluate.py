@@ -12,6 +12,13 @@ whitespace. Rows with a `held_out` string (how they are held out) are also score
 cross-entropy per supervised token over the whole conversations (teacher forcing), with the supervised
 positions and the truncation of SFT training. The model options are those of `minimind_hf.chat` (an HF
 directory or a `.pth`).
+
+Agent rows (the agent RL format: tools on the system message and a `gt` list; `minimind_hf.stages.agent`) are
+recognised by those two keys on the first row and scored by tool use instead (`evaluate_agent`): the model runs
+greedily with the tools of `minimind_hf.agent_tools`, its calls are executed and answered, for up to
+`--max_turns` turns; a row is solved when every `gt` item is in the final answer (`rewards.gt_found`: a
+substring, or a number within 1e-6). Reported: solved overall and per tool offered, calls and valid calls per tool,
+the share of replies with a valid call, and the share of rows still calling tools at the last turn (unfinished).
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ import torch
 from tqdm import tqdm
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 
+from .agent_rows import tool_names
+from .agent_tools import TOOLS, run_tool
 from .chat import generate_replies
 from .cli_options import add_model_arguments, device_problem, load_from_args, non_negative_int, positive_int
 from .configuration_minimind import config_overrides_problem
-from .data import IGNORE_INDEX, encode_conversation, scan
+from .data import IGNORE_INDEX, InvalidRecord, encode_conversation, load_records, scan
 from .errors import DataError
+from .replies import gt_found, parse_call_blocks, split_reply
 
 
 def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None) -> list[dict]:
@@ -138,6 +148,132 @@ def predict(
     return predictions
 
 
+def is_agent_file(path: str | Path) -> bool:
+    """Whether the first row of a JSON Lines file is an agent row: a `gt` list and tools on its system message."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return False
+                messages = row.get("conversations") if isinstance(row, dict) else None
+                first = messages[0] if isinstance(messages, list) and messages else None
+                return "gt" in row and isinstance(first, dict) and bool(first.get("tools"))
+    return False
+
+
+def load_agent_rows(path: str | Path) -> list[dict]:
+    """Agent rows validated as the agent stage validates them (`file:line` errors), with their tool schemas."""
+
+    def check(row: dict) -> None:
+        for name in tool_names(row):
+            if name not in TOOLS:
+                raise InvalidRecord("unknown_tool", f"tool {name!r} is not in the tool registry")
+
+    rows = []
+    for row in load_records(path, "agent", check=check):
+        prompt = [{k: v for k, v in m.items() if v is not None} for m in row["prompt"]]
+        schemas = [json.loads(tool) for tool in prompt[0].pop("tools")]
+        for message in prompt:
+            for call in message.get("tool_calls", []):
+                call["arguments"] = json.loads(call["arguments"])
+        rows.append({"prompt": prompt, "tools": schemas, "gt": row["gt"]})
+    return rows
+
+
+def run_agent(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, row: dict, max_turns: int, max_new_tokens: int
+) -> dict:
+    """One greedy trajectory: each reply's calls are run (`agent_tools.run_tool`) and answered as `tool` messages
+    until a reply calls nothing or `max_turns` replies were written. `calls` holds each reply's calls."""
+    names = {schema.get("function", schema).get("name") for schema in row["tools"]}
+    messages, turns, calls, unfinished = list(row["prompt"]), [], [], False
+    for turn in range(max_turns):
+        text = generate_replies(
+            model, tokenizer, [messages], max_new_tokens=max_new_tokens, greedy=True,
+            template_kwargs={"tools": row["tools"]},
+        )[0]  # fmt: skip
+        turns.append(text)
+        calls.append([])  # this reply's calls
+        reply = split_reply(text, tools=True)
+        blocks = [call for call in parse_call_blocks(reply.content) if isinstance(call, dict)]
+        if not reply.tool_calls and not blocks:
+            break
+        unfinished = turn == max_turns - 1
+        parsed = reply.tool_calls or [
+            {"name": str(call.get("name", "")), "arguments": call.get("arguments", {})} for call in blocks
+        ]
+        messages.append(
+            {"role": "assistant", "content": reply.content if reply.tool_calls else "", "tool_calls": parsed}
+        )
+        for call in parsed:
+            arguments = call["arguments"] if isinstance(call["arguments"], dict) else {}
+            result = run_tool(call["name"], arguments)
+            valid = call["name"] in names and call["name"] in TOOLS and TOOLS[call["name"]].valid_arguments(arguments)
+            calls[-1].append({"name": call["name"], "valid": valid, "error": '"error"' in result[:10]})
+            messages.append({"role": "tool", "content": result})
+    final = "" if unfinished else split_reply(turns[-1], tools=True).content.split("</tool_call>")[-1]
+    return {"turns": turns, "calls": calls, "unfinished": unfinished, "final": final}
+
+
+def evaluate_agent(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    max_turns: int = 3,
+    max_new_tokens: int = 256,
+) -> dict:
+    """Tool-use figures of greedy trajectories over agent rows (see the module doc)."""
+    per_tool: dict[str, Counter] = {}
+    solved = replies = replies_with_valid_call = unfinished = 0
+    samples = []
+    for row in tqdm(rows, desc="agent", unit="row"):
+        run = run_agent(model, tokenizer, row, max_turns, max_new_tokens)
+        ok = set(map(str, row["gt"])) <= gt_found(run["final"], row["gt"])
+        solved += ok
+        unfinished += run["unfinished"]
+        replies += len(run["turns"])
+        for made in run["calls"]:
+            replies_with_valid_call += any(call["valid"] for call in made)
+            for call in made:
+                counts = per_tool.setdefault(call["name"], Counter())
+                counts["calls"] += 1
+                counts["valid_calls"] += call["valid"]
+                counts["errors"] += call["error"]
+        for schema in row["tools"]:
+            counts = per_tool.setdefault(schema.get("function", schema).get("name"), Counter())
+            counts["rows"] += 1
+            counts["solved"] += ok
+        samples.append({"prompt": row["prompt"], "gt": row["gt"], "turns": run["turns"], "solved": ok})
+    n = len(rows)
+    tools = {
+        name: {**{k: counts[k] for k in ("rows", "solved", "calls", "valid_calls", "errors")},
+               "solved_rate": counts["solved"] / counts["rows"] if counts["rows"] else None}
+        for name, counts in sorted(per_tool.items())
+    }  # fmt: skip
+    return {
+        "n": n,
+        "solved": solved,
+        "solved_rate": solved / n if n else math.nan,
+        "valid_call_share": replies_with_valid_call / replies if replies else math.nan,
+        "unfinished_share": unfinished / n if n else math.nan,
+        "tools": tools,
+        "samples": samples,
+    }
+
+
+def format_agent_table(results: dict) -> str:
+    lines = [f"{'tool':<22}{'rows':>6}{'solved':>9}{'calls':>7}{'valid':>7}{'errors':>8}"]
+    for name, row in results["tools"].items():
+        rate = "" if row["solved_rate"] is None else f"{100 * row['solved_rate']:.1f}%"
+        lines.append(f"{name:<22}{row['rows']:>6}{rate:>9}{row['calls']:>7}{row['valid_calls']:>7}{row['errors']:>8}")
+    lines.append(f"solved: {results['solved']}/{results['n']} ({100 * results['solved_rate']:.1f}%)")
+    lines.append(f"replies with a valid call: {100 * results['valid_call_share']:.1f}%")
+    lines.append(f"unfinished: {100 * results['unfinished_share']:.1f}%")
+    return "\n".join(lines)
+
+
 def format_table(results: dict) -> str:
     lines = [f"{'task':<16}{'n':>6}{'exact match':>14}"]
     held_out = [(f"held out: {kind}", row) for kind, row in results.get("held_out", {}).items()]
@@ -165,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", help='the task of every row (default: its `task`; with --sft "all" if none)')
     parser.add_argument("--sample", type=positive_int, help="score N rows drawn at random (with --seed)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample")
+    parser.add_argument("--max_turns", type=positive_int, default=3, help="agent rows: replies per trajectory")
     args = parser.parse_args(argv)
     # Checked before the model runs: a bad --out would otherwise fail only after the whole evaluation.
     if args.out and Path(args.out).is_dir():
@@ -179,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     if problem := device_problem(args.device) or config_overrides_problem(args.config_overrides):
         parser.error(problem)
 
+    if not args.sft and Path(args.data).is_file() and is_agent_file(args.data):
+        return _main_agent(args, parser)
     try:
         rows = load_eval_rows(args.data, sft=args.sft, task=args.task)
         rows = (sample_rows(rows, args.sample, args.seed) if args.sample else rows)[: args.limit]
@@ -200,6 +339,26 @@ def main(argv: list[str] | None = None) -> dict:
         # NaN (no supervised token at all) is not JSON: null instead.
         record = {"model": args.model, "data": args.data, "sample": args.sample, "seed": args.seed, **results}
         record["mean_loss"] = None if math.isnan(results["mean_loss"]) else results["mean_loss"]
+        Path(args.out).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return results
+
+
+def _main_agent(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    try:
+        rows = load_agent_rows(args.data)
+        rows = (sample_rows(rows, args.sample, args.seed) if args.sample else rows)[: args.limit]
+    except (DataError, FileNotFoundError) as err:
+        parser.exit(1, f"error: {err}\n")
+    model, tokenizer = load_from_args(args, parser)
+    results = evaluate_agent(model, tokenizer, rows, args.max_turns, args.max_new_tokens)
+    samples = results.pop("samples")
+    results["samples"] = samples[: args.samples]
+    print(format_agent_table(results))
+    if args.out:
+        record = {"model": args.model, "data": args.data, **results}
+        for key in ("solved_rate", "valid_call_share", "unfinished_share"):
+            record[key] = None if isinstance(record[key], float) and math.isnan(record[key]) else record[key]
         Path(args.out).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
     return results

@@ -13,12 +13,17 @@ parsers are keyed by model type and do not know MiniMind's, so this small parser
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MARKERS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN)
+_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 @dataclass
@@ -126,3 +131,32 @@ class ReplyStream:
             self.sent[i] += piece
             new.append(piece)
         return new[0], new[1]
+
+
+def gt_found(text: str, gt: Sequence[Any]) -> set[str]:
+    """The `gt` items (as strings) found in `text`: as a case-insensitive substring, or, for a number, as any number
+    in the text within 1e-6 (thousands commas ignored). The original's `validate_gt_in_text`."""
+    text = str(text)
+    numbers = [float(x) for x in _NUMBER_IN_TEXT.findall(text.replace(",", ""))]
+    found = set()
+    for item in gt:
+        item = str(item).strip()
+        if item and item.lower() in text.lower():
+            found.add(item)
+        elif _NUMBER.fullmatch(item.replace(",", "")):
+            value = float(item.replace(",", ""))
+            if any(abs(value - n) < 1e-6 for n in numbers):
+                found.add(item)
+    return found
+
+
+def parse_call_blocks(text: str) -> list[Any]:
+    """The JSON of every `<tool_call>...</tool_call>` block; a block that is not JSON is left out, as the original's
+    `parse_tool_calls` does (so it costs nothing beyond an unbalanced tag)."""
+    calls = []
+    for block in _CALL_BLOCK.findall(text):
+        try:
+            calls.append(json.loads(block.strip()))
+        except ValueError:
+            continue
+    return calls

@@ -10,6 +10,7 @@ TRL leaves it out of the sum.
     reasoning_format   0.5 when the reply is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (MiniMind)
     reasoning_tags     0.25 for each of the four tags that occurs exactly once (MiniMind)
     minimind3_reward   MiniMind-3's length, thinking-length, `</think>` closure and repetition terms
+    agent_reward       MiniMind-3's agent RL reward of a tool-calling trajectory (`gt`, the row's tools)
     think_format_reward, accuracy_reward, reasoning_accuracy_reward, soft_overlong_punishment,
     repetition_penalty  TRL's rewards (`trl.rewards`)
 
@@ -32,14 +33,17 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .agent_tools import TOOLS
 from .chat import generate_replies
 from .cli_options import add_model_arguments, load_from_args
 from .evaluate import load_eval_rows
+from .replies import gt_found, parse_call_blocks
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
@@ -139,20 +143,143 @@ def thinking_and_answer(text: str) -> tuple[str | None, str]:
     return thinking.strip(), answer.strip()
 
 
+def _minimind3_text_reward(text: str, min_chars: int = 20, penalty: Callable[[str], float] | None = None) -> float:
+    reward = 0.5 if min_chars <= len(text.strip()) <= 800 else -0.5
+    thinking, answer = thinking_and_answer(text)
+    if thinking is not None:
+        reward += 1.0 if 20 <= len(thinking) <= 300 else -0.5
+        reward += 0.25 if text.count(THINK_CLOSE) == 1 else -0.25
+    return reward - (penalty or word_repetition_penalty)(answer)
+
+
 def minimind3_reward(completions: Sequence[Any], **kwargs) -> list[float]:
     """MiniMind-3's `train_grpo.py` rule reward (its reward model's score is the separate `reward_model_name_or_path`
     function): +0.5 for a 20-800 character reply, else -0.5; with `</think>`, +1.0 for 20-300 characters of thinking
     (else -0.5) and +0.25 when `</think>` occurs exactly once (else -0.25); minus `word_repetition_penalty` of the
     answer (the text after `</think>`, or the whole reply)."""
-    rewards = []
-    for completion in completions:
-        text = completion_text(completion)
-        reward = 0.5 if 20 <= len(text.strip()) <= 800 else -0.5
-        thinking, answer = thinking_and_answer(text)
-        if thinking is not None:
-            reward += 1.0 if 20 <= len(thinking) <= 300 else -0.5
-            reward += 0.25 if text.count(THINK_CLOSE) == 1 else -0.25
-        rewards.append(reward - word_repetition_penalty(answer))
+    return [_minimind3_text_reward(completion_text(completion)) for completion in completions]
+
+
+# --- MiniMind-3's agent reward (`train_agent.py`'s `calculate_rewards`) -------------------------------------------
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_AGENT_TOKENS = re.compile(r"\w+|[^\w\s]")
+
+
+def agent_repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
+    """`train_agent.py`'s `rep_penalty`: `word_repetition_penalty` over lower-cased word and punctuation tokens
+    (its GRPO twin splits on whitespace), so Chinese text without spaces is counted too."""
+    tokens = _AGENT_TOKENS.findall(text.lower())
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams)) if grams else 0.0
+
+
+def _after_think(turn: str) -> str:
+    return turn.split(THINK_CLOSE, 1)[-1].strip() if THINK_CLOSE in turn else turn.strip()
+
+
+def _call_is_valid(call: Any, valid: Callable[[str, dict], bool]) -> bool:
+    if not isinstance(call, dict):
+        return False
+    name, arguments = call.get("name", ""), call.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            arguments = {}
+    return isinstance(name, str) and isinstance(arguments, dict) and bool(valid(name, arguments))
+
+
+def agent_trajectory_reward(
+    turns: Sequence[str], gt: Sequence[Any], valid: Callable[[str, dict], bool], unfinished: bool = False
+) -> float:
+    """The original's reward of one trajectory, from the model's own text of each turn (`turns`, tool replies not
+    included), the expected answers `gt`, `valid(name, arguments)` (the tool is among the row's and its required
+    arguments are there) and whether the trajectory was still calling tools when it had to stop.
+
+    -0.5 per unbalanced `<tool_call>` tag (each turn's text after `</think>`); without any tool call, the last turn
+    is scored as `minimind3_reward` scores a reply (but a 5-800 character reply, as `train_agent.py` has it);
+    otherwise `gap = |valid calls - len(gt)| + invalid calls` gives +0.5 at 0 and -0.5 per unit, +2.5 x the share
+    of `gt` found in the final answer (the last turn's text after its last `</tool_call>`; none when unfinished),
+    -0.5 when unfinished, minus the repetition penalty; clipped to +-3."""
+    turns = [str(turn) for turn in turns] or [""]
+    answers = [_after_think(turn) for turn in turns]
+    reward = -0.5 * sum(abs(a.count(CALL_OPEN) - a.count(CALL_CLOSE)) for a in answers)
+    calls = [call for a in answers for call in parse_call_blocks(a)]
+    if not calls:
+        reward += _minimind3_text_reward(turns[-1], min_chars=5, penalty=agent_repetition_penalty)
+        return max(-3.0, min(3.0, reward))
+    valid_calls = sum(_call_is_valid(call, valid) for call in calls)
+    gap = abs(valid_calls - len(gt)) + (len(calls) - valid_calls)
+    reward += 0.5 if gap == 0 else -0.5 * gap
+    answer = answers[-1]
+    final = "" if unfinished else answer.split(CALL_CLOSE)[-1]
+    if gt:
+        reward += 2.5 * len(gt_found(final, gt)) / len(gt)
+    if unfinished:
+        reward -= 0.5
+    reward -= agent_repetition_penalty(final or answer)
+    return max(-3.0, min(3.0, reward))
+
+
+def assistant_turn_text(message: dict) -> str:
+    """An assistant message of a TRL trajectory as the text the model wrote: reasoning (when TRL split it off),
+    content and tool calls as MiniMind-3's template writes them."""
+    text = message.get("content") or ""
+    if not isinstance(text, str):
+        text = ""
+    if message.get("reasoning_content"):
+        text = f"{message['reasoning_content']}\n{THINK_CLOSE}\n\n{text}"
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        body = json.dumps(
+            {"name": function.get("name"), "arguments": function.get("arguments", {})}, ensure_ascii=False
+        )
+        text += ("\n" if text else "") + f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
+    return text
+
+
+def trajectory_turns(completion: Any) -> tuple[list[str], bool]:
+    """(the model's turns, unfinished) of a TRL completion: a list of assistant and tool messages (or one string).
+    Unfinished: it ends with an assistant turn whose calls were never answered (the turn limit, or no room left)."""
+    if not isinstance(completion, list):
+        return [completion_text(completion)], False
+    turns = [assistant_turn_text(m) for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+    last = completion[-1] if completion and isinstance(completion[-1], dict) else {}
+    unfinished = last.get("role") == "assistant" and bool(last.get("tool_calls"))
+    return turns, unfinished
+
+
+def row_tool_schemas(prompt: Any) -> list[dict]:
+    """The tool schemas on a prompt's system message (JSON strings, a JSON list string, or objects)."""
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], dict):
+        return []
+    tools = prompt[0].get("tools") or []
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return [json.loads(tool) if isinstance(tool, str) else tool for tool in tools]
+
+
+def agent_reward(
+    completions: Sequence[Any], gt: Sequence[Sequence[Any]] | None = None, prompts: Sequence[Any] | None = None, **kw
+) -> list[float | None]:
+    """MiniMind-3's agent reward (`agent_trajectory_reward`) of TRL trajectories: the row's tools come from its
+    prompt's system message, the required arguments from the tool registry (`minimind_hf.agent_tools`), as the
+    original's `CHECK_ARGS` does. None for a row without `gt` (not an agent row)."""
+    rewards: list[float | None] = []
+    prompts = prompts if prompts is not None else [None] * len(completions)
+    gts = gt if gt is not None else [None] * len(completions)
+    for completion, prompt, expected in zip(completions, prompts, gts, strict=True):
+        if expected is None:
+            rewards.append(None)
+            continue
+        names = {schema.get("function", schema).get("name") for schema in row_tool_schemas(prompt)}
+
+        def valid(name: str, arguments: dict, names: set = names) -> bool:
+            return name in names and name in TOOLS and TOOLS[name].valid_arguments(arguments)
+
+        turns, unfinished = trajectory_turns(completion)
+        rewards.append(agent_trajectory_reward(turns, list(expected), valid, unfinished))
     return rewards
 
 
@@ -250,6 +377,7 @@ REWARD_FUNCS: dict[str, Callable[[Any], RewardFunc]] = {
     "reasoning_format": _plain(reasoning_format),
     "reasoning_tags": _plain(reasoning_tags),
     "minimind3_reward": _plain(minimind3_reward),
+    "agent_reward": _plain(agent_reward),
     "think_format_reward": _trl_reward("think_format_reward"),
     "accuracy_reward": _trl_reward("accuracy_reward"),
     "reasoning_accuracy_reward": _trl_reward("reasoning_accuracy_reward"),

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback
 
+from .agent_tools import TOOLS
 from .configuration_minimind import MiniMindConfig
 from .configuration_minimind3 import MiniMind3Config
 from .formats.llama import llama_config
@@ -280,3 +281,25 @@ def save_minimind3_dir(model: torch.nn.Module, directory: str | os.PathLike, tok
     model.save_pretrained(directory)
     save_tokenizer(directory, tokenizer_dir)
     return Path(directory)
+
+
+def agent_rows(n: int = 8) -> list[dict]:
+    """Agent RL rows in the original's format (`agent_rl.jsonl`): the tool schemas as a JSON string on the system
+    message, the last assistant turn empty (left out by the loader), and `gt` from the mock tools' tables."""
+
+    def schemas(*names: str) -> str:
+        return json.dumps([TOOLS[name].schema for name in names], ensure_ascii=False)
+
+    tasks = [
+        (("calculate_math", "unit_converter"), "What is 12 * 7?", [84]),
+        (("get_current_weather", "get_current_time"), "How warm is it in Tokyo?", ["12°C"]),
+        (("get_exchange_rate", "calculate_math"), "How many CNY is one USD?", [7.21]),
+        (("translate_text", "get_current_time"), "Translate 'Happy birthday' into chinese.", ["生日快乐"]),
+    ]
+    rows = []
+    for i in range(n):
+        names, question, gt = tasks[i % len(tasks)]
+        system = {"role": "system", "content": "You are a helpful assistant.", "tools": schemas(*names)}
+        conversation = [system, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        rows.append({"conversations": conversation, "gt": gt})
+    return rows
