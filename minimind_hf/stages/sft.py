@@ -147,7 +147,16 @@ def build_sft_trainer(
     )
     # SFTTrainer refuses a custom collator next to its bfd packing, whose dataset preparation we do want; the
     # collator only decides how packed samples become a batch, so it is swapped in afterwards.
-    trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+    compiled = training_args.torch_compile
+    # Compiled, every packed row is padded to `max_length` (a few percent of pad positions: bfd fills rows almost
+    # completely), so that every batch has one shape and the compiled layers are never recompiled.
+    static_length = training_args.max_length if compiled and training_args.packing else None
+    trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=static_length)
+    if compiled:
+        # `torch_compile: true` compiles each decoder layer (one compilation, reused by every layer) instead of the
+        # whole model: the packed-row mask and the supervised-position LM head are data-dependent and would break
+        # a whole-model graph; the layers, where the elementwise work is, fuse cleanly (benchmarks/README.md).
+        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = True
     if args is not None and args.tag_loss_weight != 1.0:
         trainer.tag_loss_weight = args.tag_loss_weight
         trainer.tag_sequences = [tokenizer.encode(tag, add_special_tokens=False) for tag in args.tag_tokens]
