@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                                   # baseline, recipe and variants, 10 steps
     python benchmarks/throughput.py --configs baseline,recipe --repeat 2 --out benchmarks/results/cpu.json
     python benchmarks/throughput.py --check-packing --out benchmarks/results/packing.json
+    python benchmarks/throughput.py --minimind_version 3 --original_dir /tmp/minimind-orig \
+        --configs original_compile,recipe,recipe_compile                # against the current original, compiled
 
 Every configuration trains the same freshly initialised model (26M by default: hidden 512, 8 layers) for `--steps`
 optimizer steps on the same SFT data, each in its own subprocess, so that its peak resident memory is its own:
@@ -17,6 +19,12 @@ optimizer steps on the same SFT data, each in its own subprocess, so that its pe
   samples do on average (`--batch_size` x mean length / `max_length` rows), so both make the same number of
   updates on the same number of tokens and their losses compare.
 - variants of the recipe, one change each (see `VARIANTS`).
+- `original`, `original_compile`: the current original itself (MiniMind-3 generation), its own
+  `trainer/train_full_sft.py` with `--use_compile 0` / `1`, run from a checkout given by `--original_dir` (its code
+  is never part of this repository; see `run_original` for what the launcher adds: measurement only). It gets the
+  first `--steps` x `--batch_size` conversations of the same training file, its own SFTDataset (padding every
+  sample to `max_length`), its own model, AdamW, LR curve, float32 on a CPU (its autocast is a nullcontext there).
+  Compare it with `--minimind_version 3` (the recipe on the MiniMind-3 model, the original's tokenizer).
 
 Reported per configuration: seconds per step and real (non-pad) and supervised tokens per second over the steps
 after the first (warm-up) one, data loading included; peak resident memory; the last step's loss; the training
@@ -90,7 +98,11 @@ VARIANTS: dict[str, Variant] = {
         "recipe with batch_size packed rows (about 3x the baseline's tokens per step)", rows="batch"
     ),
     "recipe_eager": Variant("recipe with eager attention instead of sdpa", {"attn_implementation": "eager"}),
-    "recipe_compile": Variant("recipe with torch.compile (compilation in the warm-up step)", {"torch_compile": True}),
+    "recipe_compile": Variant(
+        "recipe with torch_compile: true (each decoder layer compiled, rows padded to max_length; compiled in the "
+        "warm-up step)",
+        {"torch_compile": True},
+    ),
 }
 BASELINE_DESCRIPTION = "the original loop: samples padded to max_length, float32 on CPU, torch AdamW, MiniMind's LR"
 # The current original's own `trainer/train_full_sft.py`, run from `--original_dir` (never part of this repository).
