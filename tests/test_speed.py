@@ -160,3 +160,26 @@ def test_original_launcher_counts_steps_tokens_and_losses(tmp_path, monkeypatch,
     assert result["rows_per_step"] == 4 and result["matmul_dtype"] == "float32"
     assert all(loss > 0 for loss in result["step_losses"])
     assert result["step_losses"][0] > result["step_losses"][-1], "the launcher sees the losses the script trains on"
+
+
+def test_torch_compile_compiles_the_decoder_layers_in_place(tmp_path, project_tokenizer_dir):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from minimind_hf.stages.sft import build_sft_trainer
+    from minimind_hf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(project_tokenizer_dir)
+    model = tiny_moe()
+    names = [name for name, _ in model.named_parameters()]
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, packing=True, max_length=64, torch_compile=True,
+        per_device_train_batch_size=1, report_to="none",
+    )  # fmt: skip
+    trainer = build_sft_trainer(model, tokenizer, args, Dataset.from_list([{"messages": messages}] * 4))
+    layers = model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers), "every decoder layer, in place"
+    assert [name for name, _ in model.named_parameters()] == names, "checkpoints keep their parameter names"
+    assert trainer.data_collator.pad_to_multiple_of == 64, "one row length: no recompilation"
+    assert str(trainer.accelerator.state.dynamo_plugin.backend) in ("NO", "DynamoBackend.NO")
