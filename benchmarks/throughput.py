@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                                   # baseline, recipe and variants, 10 steps
     python benchmarks/throughput.py --configs baseline,recipe --repeat 2 --out benchmarks/results/cpu.json
     python benchmarks/throughput.py --check-packing --out benchmarks/results/packing.json
-    python benchmarks/throughput.py --minimind_version 3 --original_dir /tmp/minimind-orig \
+    python benchmarks/throughput.py --minimind_version 3 --original_dir /tmp/minimind-orig --repeat 2 \
         --configs original_compile,recipe,recipe_compile                # against the current original, compiled
 
 Every configuration trains the same freshly initialised model (26M by default: hidden 512, 8 layers) for `--steps`

@@ -26,10 +26,7 @@ def tiny_moe(experts: int = 4, top_k: int = 1) -> MiniMind3ForCausalLM:
     return MiniMind3ForCausalLM(config).train()
 
 
-def test_moe_defaults_to_grouped_experts_and_keeps_the_eager_loss_and_gradients(monkeypatch):
-    import minimind_hf.modeling_minimind3 as modeling
-
-    monkeypatch.setattr(modeling, "LOOP_DEVICES", set())  # the grouped path, as on a GPU
+def test_moe_defaults_to_grouped_experts_and_keeps_the_eager_loss_and_gradients():
     model = tiny_moe(top_k=2)
     assert model.config._experts_implementation == "minimind_grouped_mm"
     ids = torch.randint(3, 6000, (2, 40))
@@ -63,26 +60,10 @@ def test_grouped_experts_multiply_in_bf16_under_autocast(monkeypatch):
         return original(experts, hidden_states, *args)
 
     monkeypatch.setattr(modeling, "grouped_mm_experts_forward", spy)
-    monkeypatch.setattr(modeling, "LOOP_DEVICES", set())
     model = tiny_moe()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=torch.randint(3, 6000, (1, 16)))
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
-
-
-def test_moe_on_cpu_runs_the_eager_expert_loop(monkeypatch):
-    import minimind_hf.modeling_minimind3 as modeling
-
-    called = []
-    monkeypatch.setattr(modeling, "grouped_mm_experts_forward", lambda *args: called.append(args))
-    model = tiny_moe()
-    ids = torch.randint(3, 6000, (1, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    model.set_experts_implementation("eager")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = model(input_ids=ids, labels=ids).loss
-    assert not called and torch.equal(loss, eager)
 
 
 def test_rows_padded_to_max_length_give_the_same_loss():
