@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                                   # baseline, recipe and variants, 10 steps
     python benchmarks/throughput.py --configs baseline,recipe --repeat 2 --out benchmarks/results/cpu.json
     python benchmarks/throughput.py --check-packing --out benchmarks/results/packing.json
+    python benchmarks/throughput.py --minimind_version 3 --original_dir /tmp/minimind-orig --repeat 2 \
+        --configs original_compile,recipe,recipe_compile                # against the current original, compiled
 
 Every configuration trains the same freshly initialised model (26M by default: hidden 512, 8 layers) for `--steps`
 optimizer steps on the same SFT data, each in its own subprocess, so that its peak resident memory is its own:
@@ -17,6 +19,12 @@ optimizer steps on the same SFT data, each in its own subprocess, so that its pe
   samples do on average (`--batch_size` x mean length / `max_length` rows), so both make the same number of
   updates on the same number of tokens and their losses compare.
 - variants of the recipe, one change each (see `VARIANTS`).
+- `original`, `original_compile`: the current original itself (MiniMind-3 generation), its own
+  `trainer/train_full_sft.py` with `--use_compile 0` / `1`, run from a checkout given by `--original_dir` (its code
+  is never part of this repository; see `run_original` for what the launcher adds: measurement only). It gets the
+  first `--steps` x `--batch_size` conversations of the same training file, its own SFTDataset (padding every
+  sample to `max_length`), its own model, AdamW, LR curve, float32 on a CPU (its autocast is a nullcontext there).
+  Compare it with `--minimind_version 3` (the recipe on the MiniMind-3 model, the original's tokenizer).
 
 Reported per configuration: seconds per step and real (non-pad) and supervised tokens per second over the steps
 after the first (warm-up) one, data loading included; peak resident memory; the last step's loss; the training
@@ -63,6 +71,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "fixtures" / "minimind_tokenizer"
+# The original's MiniMind-3 tokenizer and chat template (what its SFTDataset renders with).
+SHARED_MINIMIND3_TOKENIZER = REPO.parent / "shared" / "fixtures" / "minimind3_reference" / "tokenizer"
 IGNORE_INDEX = -100
 
 
@@ -88,9 +98,18 @@ VARIANTS: dict[str, Variant] = {
         "recipe with batch_size packed rows (about 3x the baseline's tokens per step)", rows="batch"
     ),
     "recipe_eager": Variant("recipe with eager attention instead of sdpa", {"attn_implementation": "eager"}),
-    "recipe_compile": Variant("recipe with torch.compile (compilation in the warm-up step)", {"torch_compile": True}),
+    "recipe_compile": Variant(
+        "recipe with torch_compile: true (each decoder layer compiled, rows padded to max_length; compiled in the "
+        "warm-up step)",
+        {"torch_compile": True},
+    ),
 }
 BASELINE_DESCRIPTION = "the original loop: samples padded to max_length, float32 on CPU, torch AdamW, MiniMind's LR"
+# The current original's own `trainer/train_full_sft.py`, run from `--original_dir` (never part of this repository).
+ORIGINALS: dict[str, str] = {
+    "original": "the current original's train_full_sft.py, --use_compile 0",
+    "original_compile": "the current original's train_full_sft.py, --use_compile 1",
+}
 DEFAULT_CONFIGS = "baseline,recipe,recipe_full_logits,recipe_fp32,recipe_unpacked"
 # `--check-packing`: the recipe on packed rows, and on the same rows unpacked into padded samples.
 PACKING_CHECK = ["packing_packed", "packing_padded"]
@@ -115,6 +134,9 @@ class Settings:
     threads: int | None = None
     seed: int = 42
     matched_rows: int = 5
+    minimind_version: int = 2
+    original_dir: str | None = None
+    original_workers: int = 1
 
 
 def minimind_lr(step: int, total_steps: int, peak: float) -> float:
@@ -122,20 +144,28 @@ def minimind_lr(step: int, total_steps: int, peak: float) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def matmul_weights(config) -> int:
-    """Weights that take part in a matmul per token: projections of every layer and the LM head."""
-    h, head_dim = config.hidden_size, config.hidden_size // config.num_attention_heads
+    """Weights that take part in a matmul per token: projections of every layer and the LM head. Any generation's
+    config (MiniMind2's `n_routed_experts` + shared experts, MiniMind-3's and the original's `num_experts`)."""
+    h, head_dim = config.hidden_size, _head_dim(config)
     attention = h * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     mlp = 3 * h * config.intermediate_size
     if config.use_moe:
-        mlp = mlp * (config.num_experts_per_tok + config.n_shared_experts) + h * config.n_routed_experts
+        routed = getattr(config, "n_routed_experts", None) or config.num_experts
+        expert = 3 * h * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+        shared = getattr(config, "n_shared_experts", 0) or 0
+        mlp = expert * config.num_experts_per_tok + mlp * shared + h * routed
     return config.num_hidden_layers * (attention + mlp) + h * config.vocab_size
 
 
 def training_flops(config, lengths: list[int]) -> float:
     """Model FLOPs of one training step (forward and backward) on sequences of these lengths; see the module doc."""
     weights = matmul_weights(config)
-    attention_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    attention_width = config.num_attention_heads * _head_dim(config)
     forward = sum(2 * weights * n + 4 * config.num_hidden_layers * attention_width * n * (n + 1) / 2 for n in lengths)
     return 3 * forward
 
@@ -345,6 +375,7 @@ def _minimind_arguments(settings: Settings, attn_implementation: str = "sdpa"):
         num_hidden_layers=settings.num_hidden_layers,
         use_moe=settings.use_moe,
         attn_implementation=attn_implementation,
+        minimind_version=settings.minimind_version,
     )
 
 
@@ -417,6 +448,7 @@ def write_recipe_yaml(settings: Settings, name: str, variant: Variant) -> Path:
         "hidden_size": settings.hidden_size,
         "num_hidden_layers": settings.num_hidden_layers,
         "use_moe": settings.use_moe,
+        "minimind_version": settings.minimind_version,
         "max_length": settings.max_length,
         "per_device_train_batch_size": rows,
         "max_steps": settings.steps,
@@ -513,6 +545,104 @@ def train_recipe(
     return _summarise(name, variant.description, steps, probe.dtype, eval_loss, rows, peak_flops)
 
 
+class _RecordingLoader(torch.utils.data.DataLoader):
+    """The original's DataLoader, keeping each batch it hands out so that its tokens can be counted."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            _RecordingLoader.batches.append(batch)
+            yield batch
+
+
+def run_original(settings: Settings, name: str, peak_flops: dict[str, float]) -> dict[str, Any]:
+    """The current original's `trainer/train_full_sft.py`, unmodified, run in this process with `runpy`.
+
+    What the launcher adds is measurement only, no change to what the script computes: its `DataLoader` is a
+    subclass that keeps each batch (to count tokens), a global optimizer step hook takes the time after each
+    update, and `GradScaler.scale` (an identity at bf16/fp32) notes the loss. The script gets a data file of
+    exactly `steps x batch_size` conversations (the first of the training file) and one epoch, so it makes `steps`
+    updates; `--from_weight none` (fresh weights, as here), and its own relative paths (`../model` for the
+    tokenizer, `../checkpoints`) resolve inside a run directory of the work directory.
+    """
+    import runpy
+
+    from minimind_hf.tokenizer import load_tokenizer
+
+    script = Path(settings.original_dir or "") / "trainer" / "train_full_sft.py"
+    if not script.is_file():
+        raise SystemExit(f"--original_dir {settings.original_dir}: no trainer/train_full_sft.py there")
+    run_dir = Path(settings.work_dir) / f"{name}_run"
+    (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "model").exists():
+        (run_dir / "model").symlink_to(Path(settings.tokenizer).resolve(), target_is_directory=True)
+    lines = Path(settings.train_data).read_text(encoding="utf-8").splitlines()[: settings.steps * settings.batch_size]
+    data = run_dir / "sft.jsonl"
+    data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    device = _device()
+    argv = [str(script), "--device", "cuda:0" if device.type == "cuda" else "cpu", "--epochs", "1"]
+    argv += ["--batch_size", str(settings.batch_size), "--learning_rate", str(settings.learning_rate)]
+    argv += ["--hidden_size", str(settings.hidden_size), "--num_hidden_layers", str(settings.num_hidden_layers)]
+    argv += ["--max_seq_len", str(settings.max_length), "--use_moe", str(int(settings.use_moe))]
+    argv += ["--data_path", str(data), "--from_weight", "none", "--seed", str(settings.seed)]
+    argv += ["--num_workers", str(settings.original_workers), "--log_interval", "1000000"]
+    argv += ["--save_interval", "1000000", "--save_dir", str(run_dir / "out")]
+    argv += ["--use_compile", "1" if name == "original_compile" else "0"]
+
+    tokenizer = load_tokenizer(settings.tokenizer)
+    pad_id = tokenizer.pad_token_id
+    steps: list[_Step] = []
+    losses: list[torch.Tensor] = []
+    clock = {"last": 0.0, "last_cpu": 0.0}
+    holder: dict[str, Any] = {}
+
+    def after_step(optimizer, args, kwargs) -> None:
+        _sync(device)
+        now, now_cpu = time.perf_counter(), time.process_time()
+        input_ids, labels = _RecordingLoader.batches[-1]
+        batch = _batch_figures(holder["config"], input_ids, None, labels, pad_id)
+        lr = optimizer.param_groups[0]["lr"]
+        loss = losses[-1].item()
+        steps.append(_Step(now - clock["last"], now_cpu - clock["last_cpu"], loss=loss, learning_rate=lr, **batch))
+        clock["last"], clock["last_cpu"] = now, now_cpu
+
+    original_scale = torch.amp.GradScaler.scale
+
+    def scale(self, outputs):
+        losses.append(outputs.detach())
+        return original_scale(self, outputs)
+
+    sys.path.insert(0, str(script.parent.parent))
+    from model.model_minimind import MiniMindConfig  # the original's own config, for the FLOPs formula
+
+    holder["config"] = MiniMindConfig(
+        hidden_size=settings.hidden_size, num_hidden_layers=settings.num_hidden_layers, use_moe=settings.use_moe
+    )
+    torch.utils.data.DataLoader = _RecordingLoader
+    torch.amp.GradScaler.scale = scale
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(after_step)
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = argv
+    os.chdir(run_dir / "trainer")
+    try:
+        clock["last"], clock["last_cpu"] = time.perf_counter(), time.process_time()
+        namespace = runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        handle.remove()
+    model = namespace["model"]
+    model = getattr(model, "_orig_mod", model)
+    eval_samples = encode_samples(settings.eval_data, tokenizer, settings.max_length)
+    eval_loss = heldout_loss(model, eval_samples, pad_id)
+    # The original's autocast is a nullcontext on a CPU and bf16 on CUDA (its `--dtype` default).
+    matmul_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return _summarise(name, ORIGINALS[name], steps, matmul_dtype, eval_loss, settings.batch_size, peak_flops)
+
+
 def _worker(name: str, settings_path: str, peak_path: str, result_path: str) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -523,6 +653,8 @@ def _worker(name: str, settings_path: str, peak_path: str, result_path: str) -> 
     peak_flops = json.loads(Path(peak_path).read_text())
     if name == "baseline":
         result = run_baseline(settings, peak_flops)
+    elif name in ORIGINALS:
+        result = run_original(settings, name, peak_flops)
     elif name in PACKING_CHECK:
         result = train_recipe(settings, name, VARIANTS["recipe"], peak_flops, unpack=name == "packing_padded")
     else:
@@ -609,12 +741,14 @@ def _machine() -> dict[str, Any]:
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
     base = results.get("baseline", {}).get("real_tokens_per_s")
+    best = results.get("original_compile", {}).get("real_tokens_per_s")
     columns = [  # (heading, width, figure of one configuration)
         ("config", -20, lambda name, r: name),
         ("s/step", 8, lambda name, r: f"{r['seconds_per_step']:.2f}"),
         ("real tok/s", 11, lambda name, r: f"{r['real_tokens_per_s']:.0f}"),
         ("sup tok/s", 10, lambda name, r: f"{r['supervised_tokens_per_s']:.0f}"),
         ("x base", 7, lambda name, r: f"{r['real_tokens_per_s'] / base:.2f}" if base else "-"),
+        ("x orig+c", 9, lambda name, r: f"{r['real_tokens_per_s'] / best:.2f}" if best else "-"),
         ("MFU", 7, lambda name, r: f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"),
         ("peak MB", 8, lambda name, r: f"{r['peak_memory_mb']:.0f}"),
         ("final", 7, lambda name, r: f"{r['final_loss']:.3f}"),
@@ -650,7 +784,9 @@ def compare_packing(packed: dict[str, Any], padded: dict[str, Any], tolerance: f
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from baseline,{','.join(VARIANTS)}"
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma-separated, from baseline,{','.join(ORIGINALS)},{','.join(VARIANTS)}",
     )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (the first warms up)")
     parser.add_argument("--data", help="SFT JSON Lines file; default: generated by make_bench_data.py")
@@ -661,6 +797,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--use_moe", action="store_true")
+    parser.add_argument(
+        "--minimind_version", type=int, choices=(2, 3), default=2, help="the recipe's (and baseline's) model generation"
+    )
+    parser.add_argument("--original_dir", help="a checkout of the current jingyaogong/minimind (for original*)")
+    parser.add_argument("--original_workers", type=int, default=1, help="the original's --num_workers")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16, help="the original's --batch_size (samples per step)")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="peak; a fresh model needs a pretraining LR")
@@ -673,9 +814,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name != "baseline" and name not in VARIANTS]
+    unknown = [name for name in names if name != "baseline" and name not in VARIANTS and name not in ORIGINALS]
     if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; known: baseline, {', '.join(VARIANTS)}")
+        parser.error(f"unknown configuration(s) {unknown}; known: baseline, {', '.join([*ORIGINALS, *VARIANTS])}")
+    if any(name in ORIGINALS for name in names) and not args.original_dir:
+        parser.error("the original's configurations need --original_dir (a checkout of jingyaogong/minimind)")
     args.config_names = names
     return args
 
@@ -685,7 +828,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from minimind_hf.tokenizer import load_tokenizer
 
     tokenizer_dir = args.tokenizer or str(REPO / "data" / "tokenizer")
-    if args.tokenizer is None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+    if args.tokenizer is None and args.minimind_version == 3:
+        tokenizer_dir = str(SHARED_MINIMIND3_TOKENIZER)
+    elif args.tokenizer is None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         tokenizer_dir = str(SHARED_TOKENIZER)
     tokenizer = load_tokenizer(tokenizer_dir)
     with tempfile.TemporaryDirectory(prefix="minimind_bench_") as tmp:
@@ -708,6 +853,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             learning_rate=args.learning_rate,
             model_name_or_path=args.model_name_or_path,
             threads=args.threads,
+            minimind_version=args.minimind_version,
+            original_dir=str(Path(args.original_dir).resolve()) if args.original_dir else None,
+            original_workers=args.original_workers,
             matched_rows=max(1, round(args.batch_size * mean_length / args.max_length)),
         )
         if args.threads:
@@ -753,9 +901,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["packing_packed"], results["packing_padded"], args.packing_tolerance
             )
             print(json.dumps(report["check_packing"], indent=2))
-        elif "baseline" in results:
-            base = results["baseline"]["real_tokens_per_s"]
-            report["real_tokens_per_s_vs_baseline"] = {n: r["real_tokens_per_s"] / base for n, r in results.items()}
+        else:
+            for reference in ("baseline", "original", "original_compile"):
+                if reference in results:
+                    base = results[reference]["real_tokens_per_s"]
+                    ratios = {n: r["real_tokens_per_s"] / base for n, r in results.items()}
+                    report[f"real_tokens_per_s_vs_{reference}"] = ratios
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -771,6 +922,7 @@ def _config(settings: Settings):
         num_hidden_layers=settings.num_hidden_layers,
         use_moe=settings.use_moe,
         overrides={},
+        minimind_version=settings.minimind_version,
     )
 
 
