@@ -170,6 +170,7 @@ def test_prompt_shows_the_rows_own_schemas_and_thinking_draw(tmp_path, tokenizer
     assert 0 < sum(row["prompt"][0]["open_thinking"] for row in drawn) < 12
 
 
+@pytest.mark.slow
 def test_trains_on_tool_calling_trajectories_with_tool_replies_masked(tmp_path, tokenizer_dir, tool_caller):
     """The rollout is TRL's: the model's call runs, its result comes back, the model answers; the loss is the
     original's per-sequence cispo over the model's own tokens (tool replies and their template tokens masked)."""

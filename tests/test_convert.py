@@ -224,6 +224,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(forms, tmp_path, capsys,
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing may be written"
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_no_traceback(forms, tmp_path):
     argv = ["pth2hf", str(forms["pth"]), str(tmp_path / "out"), "--hidden_size", "64", "--num_hidden_layers", "2"]
     done = subprocess.run(

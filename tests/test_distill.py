@@ -78,6 +78,7 @@ def test_loss_is_alpha_ce_plus_t2_kl_on_a_real_batch(tmp_path, tokenizer_dir):
     assert logged["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_moe_student_adds_its_aux_and_resume_is_exact(tmp_path, tokenizer_dir):
     straight = write_recipe(tmp_path, tokenizer_dir, "straight.yaml", output_dir=str(tmp_path / "a"))
     trainer = distill.main(["--config", str(straight)])

@@ -232,6 +232,7 @@ def test_bad_pairs_are_named_by_file_and_line_or_counted(tmp_path, tokenizer_dir
     assert len(dataset) == 2 and sum(dataset.load_report.skipped.values()) == 5
 
 
+@pytest.mark.slow
 def test_reference_defaults_to_the_policys_start_and_resume_is_exact(tmp_path):
     # Policy == reference at step 1: the loss is exactly log 2 and the margin 0, whatever the pairs.
     straight = write_recipe(tmp_path, "straight.yaml", output_dir=str(tmp_path / "a"))

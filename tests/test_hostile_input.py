@@ -232,7 +232,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(("data", "overrides", "message"), CASES.values(), ids=CASES.keys())
+# The 10 MB line takes 10 s to write and scan: with the slow tests.
+@pytest.mark.parametrize(
+    ("data", "overrides", "message"),
+    [pytest.param(*case, marks=[pytest.mark.slow] if name == "10 MB line" else []) for name, case in CASES.items()],
+    ids=CASES.keys(),
+)
 def test_bad_input_fails_before_training_and_leaves_output_dir_alone(
     case_dir, earlier_run, capsys, data, overrides, message
 ):
@@ -248,6 +253,7 @@ def test_bad_input_fails_before_training_and_leaves_output_dir_alone(
     assert snapshot(case_dir / "out") == before, "output_dir changed"
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_non_zero_with_the_message(case_dir):
     (case_dir / "sft.jsonl").write_bytes(jsonl("not json\n"))
     before = snapshot(case_dir / "out")

@@ -56,6 +56,7 @@ def tiny(tmp_path_factory, tokenizer_dir) -> dict:
     return {"model": root / "model", "data": data, "predictions": predictions, "rows": rows}
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_equal_minimind_evaluate_per_task(tiny):
     ours = evaluate_module.main(
         ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--max_new_tokens", str(MAX_NEW_TOKENS)]

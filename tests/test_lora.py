@@ -129,6 +129,7 @@ def test_recipe_trains_only_the_adapter_and_leaves_the_base_untouched(tmp_path, 
     assert max_abs_diff(from_pth, merged) < 1e-6
 
 
+@pytest.mark.slow
 def test_adapter_directory_is_a_model_source_and_merges_into_a_full_model(tmp_path, base_dir):
     lora.main(["--config", str(write_lora_recipe(tmp_path, base_dir, max_steps=2))])
     out = tmp_path / "out"
@@ -153,6 +154,7 @@ def test_adapter_directory_is_a_model_source_and_merges_into_a_full_model(tmp_pa
     assert (tmp_path / "sft_out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_a_run_killed_in_its_final_save_publishes_its_adapter(tmp_path, base_dir):
     lora.main(["--config", str(write_lora_recipe(tmp_path, base_dir, "straight.yaml", output_dir=str(tmp_path / "a")))])
     interrupted = write_lora_recipe(tmp_path, base_dir, "interrupted.yaml", output_dir=str(tmp_path / "b"))
@@ -174,6 +176,7 @@ def test_resume_is_exact_and_a_run_killed_in_its_final_save_publishes_its_adapte
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir.resolve())
 
 
+@pytest.mark.slow
 def test_bad_adapters_and_recipes_name_the_problem(shared_fixtures, tmp_path):
     model, _ = fixture_model(shared_fixtures)
     pth = shared_fixtures / "minimind_reference" / "lora" / "dense_lora_r4.pth"

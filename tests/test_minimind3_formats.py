@@ -167,6 +167,7 @@ print(type(model).__name__, AutoTokenizer.from_pretrained(sys.argv[1]).chat_temp
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dense", "moe_top2_untied"])
 def test_hf2qwen3_loads_in_plain_transformers(tmp_path, variant):
     model = tiny_m3(**VARIANTS[variant], inference_rope_scaling=True)

@@ -241,6 +241,7 @@ print(type(model).__name__)
 """
 
 
+@pytest.mark.slow
 def test_trained_output_exports_to_plain_qwen3_with_equal_logits(reference, tmp_path, datasets_cache):
     sft_from(reference, reference / "m3_dense_fp16.pth", tmp_path / "out", learning_rate=1e-3)
     trained = load_model(tmp_path / "out")

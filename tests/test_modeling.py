@@ -199,6 +199,7 @@ def test_save_and_reload_with_auto_classes(tmp_path, use_moe):
         torch.testing.assert_close(model(ids).logits, reloaded(ids).logits)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=True)).eval()

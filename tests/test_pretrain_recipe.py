@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from minimind_hf.stages import pretrain, sft
@@ -44,6 +45,7 @@ def test_packed_pretraining_labels_never_cross_a_document_boundary(tmp_path):
     assert documents_seen > len(batches) * 4, "rows hold several packed documents"
 
 
+@pytest.mark.slow
 def test_pretrain_then_sft_then_chat(tmp_path, capsys):
     from minimind_hf import chat
 

@@ -185,6 +185,7 @@ def test_torchrun_two_processes_disjoint_data_no_unused_parameter_search_and_rel
     assert trainer.state.global_step == 3 and counter.steps == 1, "resumed after step 2, not from the start"
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_swanlab_run_whose_id_the_manifest_covers(tmp_path, monkeypatch):
     monkeypatch.setenv("SWANLAB_MODE", "local")  # written to disk only, never the network
     recipe = write_recipe(tmp_path, max_steps=4, save_steps=2, report_to="swanlab")

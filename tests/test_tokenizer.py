@@ -117,6 +117,7 @@ def test_load_tokenizer_names_a_bad_path(tmp_path):
         load_tokenizer(tmp_path)
 
 
+@pytest.mark.slow
 def test_recipe_trains_a_minimind_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     rows = [{"text": f"Sentence number {i} says hello 你好."} for i in range(50)]
