@@ -101,11 +101,9 @@ def test_flops_formula_counts_every_matmul_weight_of_minimind3_dense_and_moe():
 # A stand-in for the original's trainer/train_full_sft.py, with the same interface to the launcher: a module-level
 # DataLoader of (input_ids, labels), GradScaler.scale on the loss, an optimizer step per batch, `model` at the end.
 STAND_IN = """
-import argparse, os, sys
-sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+import argparse, os
 import torch
 from torch.utils.data import DataLoader
-from model.model_minimind import MiniMindConfig
 
 parser = argparse.ArgumentParser()
 for flag in ("--device", "--epochs", "--batch_size", "--learning_rate", "--hidden_size", "--num_hidden_layers",
