@@ -44,6 +44,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "data")]  # minimind_hf and tool_tasks, when run as a script from a checkout
+
+from tool_tasks import ToolTasks  # noqa: E402  (data/, this script's folder)
+
+# MiniMind-3's think and tool tags: single added tokens in its tokenizer, so that the template's markers never merge
+# with text (the demo's MiniMind-3 tokenizer has them after MiniMind2's three).
+MINIMIND3_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 COUNTRIES = [  # (en country, en capital, zh country, zh capital), all invented
     ("Valdoria", "Mirenburg", "瓦尔多利亚", "米伦堡"),
@@ -705,16 +712,39 @@ def write_jsonl(path: Path, row: Callable[[], dict], n: int) -> None:
         f.writelines(json.dumps(row(), ensure_ascii=False) + "\n" for _ in range(n))
 
 
-def write_tokenizer(output_dir: Path, corpora: list[Path], vocab_size: int) -> None:
+def write_tokenizer(
+    output_dir: Path, corpora: list[Path], vocab_size: int, generation: int = 2, tool_rows: list[dict] = ()
+) -> None:
     """Byte-level BPE as `recipes/tokenizer.py` trains it, except that every digit and every Chinese character is
     its own token: numbers are read and written digit by digit (the number tasks generalise to unseen numbers),
-    and Chinese is not merged into the phrases of this corpus (unseen wordings split into known characters)."""
+    and Chinese is not merged into the phrases of this corpus (unseen wordings split into known characters).
+
+    `generation` 3: MiniMind-3's special tokens (think and tool tags, each one token as in its tokenizer) and
+    template; `tool_rows` (t2t rows) are learnt as the template renders them, schemas and calls included."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    sys.path.insert(0, str(REPO))
+    from minimind_hf.chat_templates import (
+        BOS_TOKEN,
+        CHAT_TEMPLATE,
+        EOS_TOKEN,
+        MINIMIND3_CHAT_TEMPLATE,
+        PAD_TOKEN,
+        SPECIAL_TOKENS,
+    )
     from minimind_hf.data import iter_texts
-    from minimind_hf.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from minimind_hf.t2t import validate_messages
+
+    special_tokens = SPECIAL_TOKENS + (MINIMIND3_TOKENS if generation == 3 else [])
+    template = MINIMIND3_CHAT_TEMPLATE if generation == 3 else CHAT_TEMPLATE
+
+    def texts():
+        yield from iter_texts([str(p) for p in corpora])
+        for row in tool_rows:
+            messages = validate_messages(row["conversations"])
+            tools = messages[0].get("tools")
+            yield render_jinja_template([messages], tools=tools, chat_template=template)[0][0]
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -727,15 +757,15 @@ def write_tokenizer(output_dir: Path, corpora: list[Path], vocab_size: int) -> N
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(iter_texts([str(p) for p in corpora]), trainer=trainer)
+    backend.train_from_iterator(texts(), trainer=trainer)
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": PAD_TOKEN}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
         **special,
@@ -755,6 +785,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_reason", type=int, default=1_500)
     parser.add_argument("--n_grpo", type=int, default=1_500)
     parser.add_argument("--n_rehearsal", type=int, default=256, help="SFT rows mixed into lora_identity.jsonl")
+    parser.add_argument("--n_tool_sft", type=int, default=600, help="tool-call SFT rows (tool_sft.jsonl)")
+    parser.add_argument("--n_agent_rl", type=int, default=1_500, help="agent RL prompts (agent_rl.jsonl)")
+    parser.add_argument("--n_eval_agent", type=int, default=160, help="rounded down to a multiple of 8 (kinds x 2)")
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--no_tokenizer", action="store_true", help="skip training data/tokenizer")
     args = parser.parse_args(argv)
@@ -776,9 +809,17 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out_dir / "lora_identity.jsonl", iter(identity).__next__, len(identity))
     identity_eval = identity_conversations(args.seed, held_out=True)
     write_jsonl(args.out_dir / "identity_eval.jsonl", iter(identity_eval).__next__, len(identity_eval))
+    # The tool tasks draw from their own stream, so the files above are the same with or without them.
+    tools = ToolTasks(args.seed + 1, args.n_eval_agent, vary)
+    tool_sft = [tools.sft() for _ in range(args.n_tool_sft)]
+    write_jsonl(args.out_dir / "tool_sft.jsonl", iter(tool_sft).__next__, len(tool_sft))
+    write_jsonl(args.out_dir / "agent_rl.jsonl", tools.agent_rl, args.n_agent_rl)
+    eval_agent = tools.eval_rows()
+    write_jsonl(args.out_dir / "eval_agent.jsonl", iter(eval_agent).__next__, len(eval_agent))
     if not args.no_tokenizer:
         corpora = [args.out_dir / "pretrain.jsonl", args.out_dir / "sft.jsonl"]
         write_tokenizer(args.out_dir / "tokenizer", corpora, args.vocab_size)
+        write_tokenizer(args.out_dir / "tokenizer3", corpora, args.vocab_size, generation=3, tool_rows=tool_sft)
 
 
 if __name__ == "__main__":

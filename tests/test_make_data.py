@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 FILES = ["dpo.jsonl", "eval.jsonl", "grpo.jsonl", "pretrain.jsonl", "reason.jsonl", "sft.jsonl"]
+TOOL_FILES = ["tool_sft.jsonl", "agent_rl.jsonl", "eval_agent.jsonl"]
 REASONED = re.compile(r"<think>\n(?:[^\n]+\n)+</think>\n<answer>\n([^\n]+)\n</answer>")
 # Words that show which number task a question or a pretraining sentence is about.
 TASK_WORDS = {
@@ -28,6 +30,7 @@ def load_make_data():
 
 
 make_data = load_make_data()
+tool_tasks = sys.modules["tool_tasks"]  # data/tool_tasks.py, imported by make_data
 
 
 def read(path: Path) -> list[dict]:
@@ -75,20 +78,20 @@ def solve(task: str, question: str) -> str | None:
 
 def test_generator_is_deterministic_and_writes_every_file(tmp_path):
     first, second = generate(tmp_path / "a", 1), generate(tmp_path / "b", 1)
-    assert set(FILES) <= set(first)
+    assert set(FILES + TOOL_FILES) <= set(first)
     assert first == second
     assert generate(tmp_path / "c", 2)["sft.jsonl"] != first["sft.jsonl"]
 
 
 def test_repository_data_is_what_the_generator_makes(tmp_path):
     make_data.main(["--out_dir", str(tmp_path), "--no_tokenizer"])
-    for name in FILES:
+    for name in FILES + TOOL_FILES:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")
 def repo_rows() -> dict[str, list[dict]]:
-    return {name.removesuffix(".jsonl"): read(DATA / name) for name in FILES}
+    return {name.removesuffix(".jsonl"): read(DATA / name) for name in FILES + TOOL_FILES}
 
 
 def wording_pattern(task: str, template: str) -> re.Pattern:
@@ -180,3 +183,101 @@ def test_answers_are_right_and_files_are_well_formed(repo_rows):
         assert chosen[-1]["content"] != rejected[-1]["content"]
     sizes = {name: len(rows) for name, rows in repo_rows.items()}
     assert 2000 <= sizes["dpo"] <= 5000 and 1000 <= sizes["reason"] <= 2000 and 1000 <= sizes["grpo"] <= 2000
+
+
+# --- The tool tasks (data/tool_tasks.py): MiniMind-3 t2t and agent rows
+
+
+def tool_answer(task: str, question: str) -> tuple[dict, str]:
+    """The call that answers a tool question and the expected answer, from the question's text and the tool's table
+    (every wording names the source unit right after the value; each unit converts to one other)."""
+    from minimind_hf.agent_tools import UNIT_FACTORS
+
+    found = [int(n) for n in re.findall(r"\d+", question)]
+    if task == "convert":
+        (value,) = found
+        units = {name: unit[:2] for unit in tool_tasks.UNITS for name in (unit[2], unit[4])}
+        (source,) = [n for n in units if re.search(rf"(?<!\d){value}\s*{re.escape(n)}", question, re.IGNORECASE)]
+        code_from, code_to = units[source]
+        call = {"name": "unit_converter", "arguments": {"value": value, "from_unit": code_from, "to_unit": code_to}}
+        return call, str(round(value * UNIT_FACTORS[f"{code_from}_{code_to}"], 4))
+    x, y = sorted(found, reverse=True) if task == "subtract" else found  # "subtract 3 from 9" is 9-3
+    op, value = {"multiply": ("*", x * y), "add": ("+", x + y), "subtract": ("-", x - y)}[task]
+    return {"name": "calculate_math", "arguments": {"expression": f"{x}{op}{y}"}}, str(value)
+
+
+def test_tool_rows_call_the_right_tool_and_answer_with_its_value(repo_rows):
+    from minimind_hf.agent_tools import TOOLS
+
+    for row in repo_rows["tool_sft"]:
+        system, user, call, tool, answer = row["conversations"]
+        assert system["role"] == "system" and {"calculate_math", "unit_converter"} <= {
+            schema["function"]["name"] for schema in json.loads(system["tools"])
+        }
+        (made,) = json.loads(call["tool_calls"])
+        expected_call, expected_answer = tool_answer(row["task"], user["content"])
+        assert made == expected_call, user["content"]
+        assert tool["content"] == TOOLS[made["name"]](**made["arguments"])
+        assert answer["content"] == expected_answer == str(json.loads(tool["content"])["result"])
+    for name in ("agent_rl", "eval_agent"):
+        for row in repo_rows[name]:
+            question = row["conversations"][1]["content"]
+            assert row["conversations"][-1] == {"role": "assistant", "content": ""}
+            assert row["gt"] == [tool_answer(row["task"], question)[1]], question
+    assert len(repo_rows["tool_sft"]) >= 500 and len(repo_rows["agent_rl"]) >= 1000
+    assert len(repo_rows["eval_agent"]) >= 160
+
+
+def test_tool_eval_is_held_out_in_wording_and_items(repo_rows):
+    training = [
+        (row["task"], row["conversations"][1]["content"])
+        for name in ("tool_sft", "agent_rl")
+        for row in repo_rows[name]
+    ]
+    today = [m["content"] for row in repo_rows["eval"] for m in row["conversations"] if m["role"] == "user"]
+    patterns = []
+    for by_lang in tool_tasks.EVAL_WORDINGS.values():
+        for template in by_lang["en"] + by_lang["zh"]:
+            parts = re.split(r"\{(\w)\}", template)
+            regex = "".join(".+" if i % 2 else re.escape(p) for i, p in enumerate(parts))
+            patterns.append((template, re.compile(regex, re.IGNORECASE)))
+    for _, question in training:
+        for template, pattern in patterns:
+            assert not pattern.search(question), f"held-out wording {template!r} in training: {question}"
+    # Today's held-out wordings are not taught by the tool rows either.
+    for by_lang in make_data.EVAL_QUESTIONS.values():
+        for template in by_lang["en"] + by_lang["zh"]:
+            parts = re.split(r"\{(\w)\}", template)
+            pattern = re.compile("".join(r"\S+" if i % 2 else re.escape(p) for i, p in enumerate(parts)), re.I)
+            assert not any(pattern.search(q) for _, q in training), template
+
+    def item(task: str, question: str) -> tuple:  # the numbers asked about, and the unit converted from
+        return (
+            task,
+            frozenset(re.findall(r"\d+", question)),
+            tool_answer(task, question)[0]["arguments"].get("from_unit"),
+        )
+
+    asked = {item(task, q) for task, q in training}
+    for row in repo_rows["eval_agent"]:
+        question = row["conversations"][1]["content"]
+        assert any(p.fullmatch(question.strip()) for _, p in patterns), question
+        assert item(row["task"], question) not in asked, question
+    assert not set(today) & {q for _, q in training}
+
+
+def test_minimind3_tokenizer_has_its_tags_as_single_tokens_and_its_template():
+    from minimind_hf.chat_templates import MINIMIND3_CHAT_TEMPLATE, template_digest
+    from minimind_hf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DATA / "tokenizer3")
+    assert template_digest(tokenizer.chat_template) == template_digest(MINIMIND3_CHAT_TEMPLATE)
+    for tag in make_data.MINIMIND3_TOKENS:
+        assert tokenizer.tokenize(f"a{tag}b")[1] == tag
+    # MiniMind2's three special tokens keep their ids, so both tokenizers agree on padding and turn markers.
+    plain = load_tokenizer(DATA / "tokenizer")
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [
+        plain.pad_token_id,
+        plain.bos_token_id,
+        plain.eos_token_id,
+    ]
