@@ -762,6 +762,13 @@ def write_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts(), trainer=trainer)
+    if generation == 3:
+        # As in MiniMind-3's tokenizer, the think and tool tags are added but not special: decoding with
+        # skip_special_tokens keeps them, so that replies can be parsed into reasoning and tool calls.
+        spec = json.loads(backend.to_str())
+        for token in spec["added_tokens"]:
+            token["special"] = token["content"] not in MINIMIND3_TOKENS
+        backend = Tokenizer.from_str(json.dumps(spec))
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": PAD_TOKEN}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

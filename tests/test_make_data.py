@@ -274,6 +274,8 @@ def test_minimind3_tokenizer_has_its_tags_as_single_tokens_and_its_template():
     assert template_digest(tokenizer.chat_template) == template_digest(MINIMIND3_CHAT_TEMPLATE)
     for tag in make_data.MINIMIND3_TOKENS:
         assert tokenizer.tokenize(f"a{tag}b")[1] == tag
+        # Added but not special, as in MiniMind-3's own: decoded replies keep them, so calls can be parsed.
+        assert tokenizer.decode(tokenizer.encode(f"{tag}<|im_end|>"), skip_special_tokens=True) == tag
     # MiniMind2's three special tokens keep their ids, so both tokenizers agree on padding and turn markers.
     plain = load_tokenizer(DATA / "tokenizer")
     assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [

@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 from minimind_hf import MiniMind3Config, MiniMind3ForCausalLM, MiniMindConfig, MiniMindForCausalLM
+from minimind_hf.agent_client import run_with_tools
 from minimind_hf.chat import generate_reply
 from minimind_hf.convert import main as convert_main
 from minimind_hf.convert import save_pth
@@ -583,6 +584,39 @@ def test_minimind3_reasoning_and_tool_calls_round_trip(shared_fixtures):
         final = api.chat.completions.create(messages=messages, **request).choices[0]
         assert final.finish_reason == "stop" and final.message.content == "It is sunny, 21 C."
         assert ask(api, "m3", messages, stream=True, tools=SHORT_TOOLS, max_tokens=80) == final.message.content
+
+
+def test_the_demos_kind_of_agent_round_trip():
+    """The demo's kind of model (MiniMind-3, data/tokenizer3, its tool rows): the client asks with tools, gets
+    `tool_calls`, runs the tool (`agent_client.run_with_tools`), sends the result and gets an answer holding the
+    tool's value, streamed and not. (`make demo` does the same with its trained agent, on held-out rows.)"""
+    data = Path(__file__).resolve().parents[1] / "data"
+    tokenizer = load_tokenizer(data / "tokenizer3")
+    rows = [json.loads(line) for line in (data / "tool_sft.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
+    conversations, tools = [], json.loads(rows[0]["conversations"][0]["tools"])
+    for row in rows:
+        system, user, call, tool, answer = row["conversations"]
+        system = {"role": "system", "content": system["content"]}
+        assert json.loads(row["conversations"][0]["tools"]) == tools or row is not rows[0]
+        calls = [{"type": "function", "function": c} for c in json.loads(call["tool_calls"])]
+        asked = [system, user, {"role": "assistant", "content": "", "tool_calls": calls}]
+        conversations += [asked, [*asked, tool, answer]]
+    torch.manual_seed(0)
+    config = MiniMind3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)
+    )
+    row = rows[0]
+    model = learn_by_heart(MiniMind3ForCausalLM(config), tokenizer, conversations[:2], tools)
+    expected_call = json.loads(row["conversations"][2]["tool_calls"])
+    with in_thread(build_app(model, tokenizer, "agent")) as url:
+        api = client(url)
+        for stream in (False, True):
+            answer, made = run_with_tools(
+                api, "agent", [{"role": "system", "content": row["conversations"][0]["content"]},
+                               row["conversations"][1]], tools, stream=stream, temperature=0, max_tokens=64,
+            )  # fmt: skip
+            assert made == expected_call, answer
+            assert row["conversations"][-1]["content"] in answer
 
 
 @pytest.mark.parametrize("form", ["dense", "moe"])
