@@ -6,6 +6,11 @@ when any of k samples (drawn as GRPO draws them: temperature 1, no top-p/top-k) 
 
 GRPO with an exact-match reward gives no gradient on a prompt whose k samples are all wrong (every completion has
 the same reward), so pass@k bounds what sharpening the model's own samples can reach.
+
+Agent rows (`gt` and tools, as data/eval_agent.jsonl) are run with the tools, as `minimind_hf.evaluate` runs them:
+a prompt counts when its greedy trajectory, or any of k sampled ones, ends with every `gt` item in the answer.
+
+    python benchmarks/grpo_headroom.py --model out/demo/sft --data data/eval_agent.jsonl --k 8 --max_new_tokens 64
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from pathlib import Path
 from transformers import set_seed
 
 from minimind_hf.chat import add_model_arguments, generate_replies, load_from_args
-from minimind_hf.evaluate import load_eval_rows, predict, score
+from minimind_hf.evaluate import (
+    evaluate_agent,
+    is_agent_file,
+    load_agent_rows,
+    load_eval_rows,
+    predict,
+    run_agents,
+    score,
+    solved,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,7 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--max_turns", type=int, default=3, help="agent rows: replies per trajectory")
     args = parser.parse_args(argv)
+    if is_agent_file(args.data):
+        return agent_headroom(args, parser)
     rows = load_eval_rows(args.data)
     model, tokenizer = load_from_args(args, parser)
     set_seed(args.seed)
@@ -47,6 +64,27 @@ def main(argv: list[str] | None = None) -> dict:
     for name, result in results.items():
         tasks = ", ".join(f"{task} {100 * r['exact_match']:.0f}%" for task, r in result["tasks"].items())
         print(f"{name}: {100 * result['overall']['exact_match']:.1f}% ({tasks})")
+    if args.out:
+        record = {"model": args.model, "data": args.data, "k": args.k, "temperature": args.temperature, **results}
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def agent_headroom(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Greedy against pass@k on agent rows: k sampled trajectories per row, run with the tools."""
+    rows = load_agent_rows(args.data)
+    model, tokenizer = load_from_args(args, parser)
+    set_seed(args.seed)
+    greedy = evaluate_agent(model, tokenizer, rows, args.max_turns, args.max_new_tokens)["solved_rate"]
+    sampling = {"temperature": args.temperature, "top_p": 1.0}
+    hits, per_batch = 0, max(1, 64 // args.k)  # rows whose k samples form one batch of about 64
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start : start + per_batch]
+        copies = [row for row in chunk for _ in range(args.k)]
+        runs = run_agents(model, tokenizer, copies, args.max_turns, args.max_new_tokens, sampling)
+        hits += sum(any(solved(r, row) for r in runs[i * args.k : (i + 1) * args.k]) for i, row in enumerate(chunk))
+    results = {"greedy": greedy, f"pass@{args.k}": hits / len(rows)}
+    print(", ".join(f"{name}: {100 * rate:.1f}%" for name, rate in results.items()))
     if args.out:
         record = {"model": args.model, "data": args.data, "k": args.k, "temperature": args.temperature, **results}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

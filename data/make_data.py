@@ -794,6 +794,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_rehearsal", type=int, default=256, help="SFT rows mixed into lora_identity.jsonl")
     parser.add_argument("--n_tool_sft", type=int, default=600, help="tool-call SFT rows (tool_sft.jsonl)")
     parser.add_argument("--n_agent_rl", type=int, default=1_500, help="agent RL prompts (agent_rl.jsonl)")
+    parser.add_argument("--n_recall", type=int, default=10_000, help="copy-teaching pretraining texts")
     parser.add_argument("--n_eval_agent", type=int, default=160, help="rounded down to a multiple of 8 (kinds x 2)")
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--no_tokenizer", action="store_true", help="skip training data/tokenizer")
@@ -823,6 +824,15 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out_dir / "agent_rl.jsonl", tools.agent_rl, args.n_agent_rl)
     eval_agent = tools.eval_rows()
     write_jsonl(args.out_dir / "eval_agent.jsonl", iter(eval_agent).__next__, len(eval_agent))
+    # The same held-out items as every file's (the generator's seed), drawn from a stream of their own, so that
+    # the files above stay as they are.
+    fillers = Generator(args.seed)
+    fillers.rng = random.Random(args.seed + 2)
+
+    def filler(lang: str) -> str:
+        return fillers.statement(fillers.rng.choice(TASKS), lang)
+
+    write_jsonl(args.out_dir / "pretrain_recall.jsonl", lambda: tools.recall(filler), args.n_recall)
     if not args.no_tokenizer:
         corpora = [args.out_dir / "pretrain.jsonl", args.out_dir / "sft.jsonl"]
         write_tokenizer(args.out_dir / "tokenizer", corpora, args.vocab_size)

@@ -10,6 +10,14 @@
   the agent stage: the same tasks and wordings as the SFT rows, other draws.
 - `eval_agent.jsonl`: agent rows held out by construction: question wordings nothing else uses (`EVAL_WORDINGS`)
   and items (number pairs, values) no other file asks about.
+- `pretrain_recall.jsonl`: pretraining texts that say a number (or an expression) and then say it again
+  (`RECALL`). Using a tool means copying digits: from the question into the call, from the tool's reply into the
+  answer. A 4-layer model learns to copy (attention that finds the earlier occurrence and reads on) only after a
+  few hundred steps of text where copying is the only way to predict; measured on this model, 0.8M tokens of such
+  text took digit-copy accuracy from 10% to 74%, while 600 tool rows trained 5 epochs left it near 15%. Texts in
+  fixed sentence pairs taught copying in those pairs only (100% there, 10% in another wording), so unrelated
+  sentences go between the two mentions. The demo pretrains on these beside data/pretrain.jsonl, and SFT teaches
+  the tool format on top.
 
 The tasks are multiplication of two 2-digit numbers, addition and subtraction of 3-digit numbers (through
 `calculate_math`) and unit conversion of a value 2-99 (through `unit_converter`, whose factors like 0.621371 a
@@ -76,6 +84,20 @@ EVAL_WORDINGS = {  # held out: no training row is worded so (the operation's wor
                  "zh": ["告诉我{x}减{y}的值。", "帮我算出{x}减去{y}。"]},
     "convert": {"en": ["Tell me {x} {u} in {v}.", "Please work out how many {v} are in {x} {u}."],
                 "zh": ["告诉我{x}{u}换成{v}的值。", "帮我算出{x}{u}是多少{v}。"]},
+}  # fmt: skip
+
+# (a first mention, a later one), with 0-2 unrelated sentences between; {a} {b}: numbers, {e}: an expression
+RECALL = {
+    "en": [("The code is {a}.", "Once more, the code is {a}."),
+           ("Write down {a} and {b}.", "Did you write {a} and {b}?"),
+           ("Ticket {a} is ready.", "Ticket {a}, please come to the desk."),
+           ("I read {e} on the board.", "So I wrote {e} in my notebook."),
+           ("The answer was {a}.", "She said it again: {a}."),
+           ("Room {a}?", "Yes, room {a}."), ("The tool said {a}.", "So the result is {a}."),
+           ("First {a}, then {b}.", "Again: {a}, then {b}."), ("We need {e}.", "Right, {e}.")],
+    "zh": [("号码是{a}。", "再说一遍，号码是{a}。"), ("记下{a}和{b}。", "你记下{a}和{b}了吗？"),
+           ("黑板上写着{e}。", "我在本子上也写了{e}。"), ("答案是{a}。", "他又说了一遍：{a}。"),
+           ("工具返回了{a}。", "所以结果是{a}。"), ("先是{a}，然后是{b}。", "再说一次：{a}，然后是{b}。")],
 }  # fmt: skip
 
 
@@ -181,6 +203,26 @@ class ToolTasks:
 
     def agent_rl(self) -> dict:
         return self.agent_row(*self.draw(), held_out=False)
+
+    def number(self) -> str:
+        """A number as tool tasks show them: 2 to 5 digits, or a value with decimals like unit_converter's."""
+        if self.rng.random() < 0.3:
+            return str(round(self.rng.uniform(0.1, 999), self.rng.randint(1, 4)))
+        return str(self.rng.randint(10, 99_999))
+
+    def recall(self, filler: Callable[[str], str]) -> dict:
+        """A pretraining text that says a number or an expression twice (`RECALL`), with 0-2 sentences of
+        `filler(lang)` between: the distance varies, so only finding the earlier mention predicts the digits."""
+        lang = self.rng.choice(LANGUAGES)
+        op = self.rng.choice("*+-")
+        fields = {
+            "a": self.number(),
+            "b": self.number(),
+            "e": f"{self.rng.randint(10, 999)}{op}{self.rng.randint(10, 999)}",
+        }
+        first, again = self.rng.choice(RECALL[lang])
+        between = [filler(lang) for _ in range(self.rng.choice([0, 1, 1, 2]))]
+        return {"text": (" " if lang == "en" else "").join([first, *between, again]).format(**fields)}
 
     def eval_rows(self) -> list[dict]:
         return [self.agent_row(kind, lang, item, held_out=True) for kind, lang, item in self.eval_items]

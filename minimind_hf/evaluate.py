@@ -43,6 +43,7 @@ from .configuration_minimind import config_overrides_problem
 from .data import IGNORE_INDEX, InvalidRecord, encode_conversation, load_records, scan
 from .errors import DataError
 from .replies import gt_found, parse_call_blocks, split_reply
+from .t2t import uses_t2t, validate_messages
 
 
 def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None) -> list[dict]:
@@ -72,7 +73,15 @@ def load_eval_rows(path: str | Path, sft: bool = False, task: str | None = None)
             for key in ("task", "answer"):
                 if not isinstance(row.get(key), str):
                     raise DataError(path, number, "missing_field", f'no "{key}" string (an evaluation row needs one)')
-            rows.append({**row, "prompt": messages[:-1], "line": number})
+            tools = None
+            if uses_t2t(messages):  # MiniMind-3 rows: tools and calls are JSON strings in the file
+                row["conversations"] = validate_messages(messages)
+                tools = row["conversations"][0].get("tools")
+                messages = [
+                    {k: v for k, v in row["conversations"][0].items() if k != "tools"},
+                    *row["conversations"][1:],
+                ]
+            rows.append({**row, "prompt": messages[:-1], "tools": tools, "line": number})
     return rows
 
 
@@ -135,14 +144,22 @@ def mean_loss(
 def predict(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int, batch_size: int
 ) -> list[str]:
-    """Greedy answers to each row's prompt, in batches of similar length (less left padding)."""
-    order = sorted(range(len(rows)), key=lambda i: sum(len(m["content"]) for m in rows[i]["prompt"]))
+    """Greedy answers to each row's prompt, in batches of similar length (less left padding) and the same tools."""
+
+    def tools(i: int) -> str:
+        return json.dumps(rows[i].get("tools"), sort_keys=True)
+
+    order = sorted(range(len(rows)), key=lambda i: (tools(i), sum(len(m["content"]) for m in rows[i]["prompt"])))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    # A batch renders with one `tools`: split where the tools change.
+    batches = [[i for i in batch if tools(i) == key] for batch in batches for key in dict.fromkeys(map(tools, batch))]
     predictions = [""] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch"):
-        indices = order[start : start + batch_size]
+    for indices in tqdm(batches, desc="generating", unit="batch"):
+        kwargs = {"tools": rows[indices[0]]["tools"]} if rows[indices[0]].get("tools") else None
         replies = generate_replies(
-            model, tokenizer, [rows[i]["prompt"] for i in indices], max_new_tokens=max_new_tokens, greedy=True
-        )
+            model, tokenizer, [rows[i]["prompt"] for i in indices], max_new_tokens=max_new_tokens, greedy=True,
+            template_kwargs=kwargs,
+        )  # fmt: skip
         for i, reply in zip(indices, replies, strict=True):
             predictions[i] = reply
     return predictions
@@ -182,39 +199,73 @@ def load_agent_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def run_agent(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, row: dict, max_turns: int, max_new_tokens: int
-) -> dict:
-    """One greedy trajectory: each reply's calls are run (`agent_tools.run_tool`) and answered as `tool` messages
-    until a reply calls nothing or `max_turns` replies were written. `calls` holds each reply's calls."""
-    names = {schema.get("function", schema).get("name") for schema in row["tools"]}
-    messages, turns, calls, unfinished = list(row["prompt"]), [], [], False
+def run_agents(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    max_turns: int,
+    max_new_tokens: int,
+    sampling: dict | None = None,
+) -> list[dict]:
+    """One trajectory per row, all rows in step: each turn the replies of the rows still going are generated as one
+    batch, their calls are run (`agent_tools.run_tool`) and answered as `tool` messages; a row stops when a reply
+    calls nothing or after `max_turns` replies. Greedy unless `sampling` (generate_replies' temperature, top_p)
+    is given. Each trajectory: `turns` (the replies), `calls` (each reply's calls), `unfinished`, `final`."""
+    runs = [{"messages": list(row["prompt"]), "turns": [], "calls": [], "unfinished": False} for row in rows]
+    going = list(range(len(rows)))
     for turn in range(max_turns):
-        text = generate_replies(
-            model, tokenizer, [messages], max_new_tokens=max_new_tokens, greedy=True,
-            template_kwargs={"tools": row["tools"]},
-        )[0]  # fmt: skip
-        turns.append(text)
-        calls.append([])  # this reply's calls
-        reply = split_reply(text, tools=True)
-        blocks = [call for call in parse_call_blocks(reply.content) if isinstance(call, dict)]
-        if not reply.tool_calls and not blocks:
+        if not going:
             break
-        unfinished = turn == max_turns - 1
-        parsed = reply.tool_calls or [
-            {"name": str(call.get("name", "")), "arguments": call.get("arguments", {})} for call in blocks
-        ]
-        messages.append(
-            {"role": "assistant", "content": reply.content if reply.tool_calls else "", "tool_calls": parsed}
+        # Rows with the same tool list form one batch (the template takes one `tools` per call).
+        groups: dict[str, list[int]] = {}
+        for i in going:
+            groups.setdefault(json.dumps(rows[i]["tools"], sort_keys=True), []).append(i)
+        still = []
+        for indices in groups.values():
+            texts = generate_replies(
+                model, tokenizer, [runs[i]["messages"] for i in indices], max_new_tokens=max_new_tokens,
+                greedy=sampling is None, **(sampling or {}), template_kwargs={"tools": rows[indices[0]]["tools"]},
+            )  # fmt: skip
+            for i, text in zip(indices, texts, strict=True):
+                if _take_turn(runs[i], rows[i], text, last=turn == max_turns - 1):
+                    still.append(i)
+        going = sorted(still)
+    for run in runs:
+        run["final"] = (
+            "" if run["unfinished"] else split_reply(run["turns"][-1], tools=True).content.split("</tool_call>")[-1]
         )
-        for call in parsed:
-            arguments = call["arguments"] if isinstance(call["arguments"], dict) else {}
-            result = run_tool(call["name"], arguments)
-            valid = call["name"] in names and call["name"] in TOOLS and TOOLS[call["name"]].valid_arguments(arguments)
-            calls[-1].append({"name": call["name"], "valid": valid, "error": '"error"' in result[:10]})
-            messages.append({"role": "tool", "content": result})
-    final = "" if unfinished else split_reply(turns[-1], tools=True).content.split("</tool_call>")[-1]
-    return {"turns": turns, "calls": calls, "unfinished": unfinished, "final": final}
+        del run["messages"]
+    return runs
+
+
+def _take_turn(run: dict, row: dict, text: str, last: bool) -> bool:
+    """Record a reply and run its calls; whether the trajectory goes on."""
+    names = {schema.get("function", schema).get("name") for schema in row["tools"]}
+    run["turns"].append(text)
+    run["calls"].append([])  # this reply's calls
+    reply = split_reply(text, tools=True)
+    blocks = [call for call in parse_call_blocks(reply.content) if isinstance(call, dict)]
+    if not reply.tool_calls and not blocks:
+        return False
+    run["unfinished"] = last
+    parsed = reply.tool_calls or [
+        {"name": str(call.get("name", "")), "arguments": call.get("arguments", {})} for call in blocks
+    ]
+    run["messages"].append(
+        {"role": "assistant", "content": reply.content if reply.tool_calls else "", "tool_calls": parsed}
+    )
+    for call in parsed:
+        arguments = call["arguments"] if isinstance(call["arguments"], dict) else {}
+        result = run_tool(call["name"], arguments)
+        valid = call["name"] in names and call["name"] in TOOLS and TOOLS[call["name"]].valid_arguments(arguments)
+        run["calls"][-1].append({"name": call["name"], "valid": valid, "error": '"error"' in result[:10]})
+        run["messages"].append({"role": "tool", "content": result})
+    return not last
+
+
+def solved(run: dict, row: dict) -> bool:
+    """Every `gt` item is in the trajectory's final answer."""
+    return set(map(str, row["gt"])) <= gt_found(run["final"], row["gt"])
 
 
 def evaluate_agent(
@@ -223,29 +274,31 @@ def evaluate_agent(
     rows: list[dict],
     max_turns: int = 3,
     max_new_tokens: int = 256,
+    batch_size: int = 32,
 ) -> dict:
     """Tool-use figures of greedy trajectories over agent rows (see the module doc)."""
     per_tool: dict[str, Counter] = {}
-    solved = replies = replies_with_valid_call = unfinished = 0
+    n_solved = replies = replies_with_valid_call = unfinished = 0
     samples = []
-    for row in tqdm(rows, desc="agent", unit="row"):
-        run = run_agent(model, tokenizer, row, max_turns, max_new_tokens)
-        ok = set(map(str, row["gt"])) <= gt_found(run["final"], row["gt"])
-        solved += ok
-        unfinished += run["unfinished"]
-        replies += len(run["turns"])
-        for made in run["calls"]:
-            replies_with_valid_call += any(call["valid"] for call in made)
-            for call in made:
-                counts = per_tool.setdefault(call["name"], Counter())
-                counts["calls"] += 1
-                counts["valid_calls"] += call["valid"]
-                counts["errors"] += call["error"]
-        for schema in row["tools"]:
-            counts = per_tool.setdefault(schema.get("function", schema).get("name"), Counter())
-            counts["rows"] += 1
-            counts["solved"] += ok
-        samples.append({"prompt": row["prompt"], "gt": row["gt"], "turns": run["turns"], "solved": ok})
+    for start in tqdm(range(0, len(rows), batch_size), desc="agent", unit="batch"):
+        batch = rows[start : start + batch_size]
+        for row, run in zip(batch, run_agents(model, tokenizer, batch, max_turns, max_new_tokens), strict=True):
+            ok = solved(run, row)
+            n_solved += ok
+            unfinished += run["unfinished"]
+            replies += len(run["turns"])
+            for made in run["calls"]:
+                replies_with_valid_call += any(call["valid"] for call in made)
+                for call in made:
+                    counts = per_tool.setdefault(call["name"], Counter())
+                    counts["calls"] += 1
+                    counts["valid_calls"] += call["valid"]
+                    counts["errors"] += call["error"]
+            for schema in row["tools"]:
+                counts = per_tool.setdefault(schema.get("function", schema).get("name"), Counter())
+                counts["rows"] += 1
+                counts["solved"] += ok
+            samples.append({"prompt": row["prompt"], "gt": row["gt"], "turns": run["turns"], "solved": ok})
     n = len(rows)
     tools = {
         name: {**{k: counts[k] for k in ("rows", "solved", "calls", "valid_calls", "errors")},
@@ -254,8 +307,8 @@ def evaluate_agent(
     }  # fmt: skip
     return {
         "n": n,
-        "solved": solved,
-        "solved_rate": solved / n if n else math.nan,
+        "solved": n_solved,
+        "solved_rate": n_solved / n if n else math.nan,
         "valid_call_share": replies_with_valid_call / replies if replies else math.nan,
         "unfinished_share": unfinished / n if n else math.nan,
         "tools": tools,
@@ -351,7 +404,7 @@ def _main_agent(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
     except (DataError, FileNotFoundError) as err:
         parser.exit(1, f"error: {err}\n")
     model, tokenizer = load_from_args(args, parser)
-    results = evaluate_agent(model, tokenizer, rows, args.max_turns, args.max_new_tokens)
+    results = evaluate_agent(model, tokenizer, rows, args.max_turns, args.max_new_tokens, args.batch_size)
     samples = results.pop("samples")
     results["samples"] = samples[: args.samples]
     print(format_agent_table(results))

@@ -1,4 +1,5 @@
-"""The whole MiniMind path on the shipped data, in minutes on a CPU: pretrain, SFT, score, chat, plot.
+"""The whole MiniMind-3 path on the shipped data, in minutes on a CPU: pretrain, SFT, agent RL, DPO, LoRA, GRPO,
+score, chat, plot.
 
     make demo          # or: python recipes/demo.py [--out out/demo]
 
@@ -7,8 +8,10 @@ exactly as a user would type it (under `torch.distributed.run`, 2 processes), so
 documented commands work together. After each stage, `python -m minimind_hf.evaluate` (its `main`, called in
 this process) scores the stage's model twice by exact match, per task:
 "fit" on a seeded sample of the SFT data it learnt from, "held-out" on data/eval.jsonl (question wordings and
-number items that no training file contains). To add a stage, write `recipes/<name>.py` and
-`recipes/demo/<name>.yaml` and append a `DemoStage` naming the stage whose model it starts from (`source`).
+number items that no training file contains); the SFT and agent models are also run with the tools on
+data/eval_agent.jsonl (held-out tool tasks: solved when the final answer holds the tool's value). To add a stage,
+write `recipes/<name>.py` and `recipes/demo/<name>.yaml` and append a `DemoStage` naming the stage whose model
+it starts from (`source`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
+
 from minimind_hf import chat, evaluate, plot
+from minimind_hf.agent_client import run_with_tools
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of Amberland?", "Is 7 odd or even?", "4 plus 5 equals what?", "猫会怎么叫？"]
@@ -36,6 +43,7 @@ PROCESSES = 2
 
 
 MAX_NEW_TOKENS = "16"  # enough for every bare answer
+AGENT_MAX_NEW_TOKENS = "64"  # per turn of a tool task: a call is ~30 tokens
 
 
 @dataclass
@@ -60,7 +68,16 @@ class DemoStage:
 STAGES = [
     DemoStage("pretrain", "pretrain a small MiniMind on data/pretrain.jsonl"),
     DemoStage(
-        "sft", "SFT from the pretrained model on data/sft.jsonl", "pretrain", extra=("data/identity_eval.jsonl",)
+        "sft",
+        "SFT from the pretrained model on data/sft.jsonl and data/tool_sft.jsonl",
+        "pretrain",
+        extra=("data/eval_agent.jsonl", "data/identity_eval.jsonl"),
+    ),
+    DemoStage(
+        "agent",
+        "agent RL from the SFT model on data/agent_rl.jsonl: call a tool, read its reply, answer",
+        "sft",
+        extra=("data/eval_agent.jsonl",),
     ),
     DemoStage(
         "dpo", "DPO from the SFT model on data/dpo.jsonl (right answer preferred to a plausible wrong one)", "sft"
@@ -100,16 +117,55 @@ def score(stage: DemoStage, out: Path) -> tuple[dict, float]:
     extra = [(Path(path).stem, ["--data", path]) for path in stage.extra]
     for kind, data in (("fit", FIT), ("held_out", HELD_OUT), *extra):
         path = out / f"eval_{stage.name}_{kind}.json"
+        tokens = AGENT_MAX_NEW_TOKENS if evaluate.is_agent_file(data[1]) else MAX_NEW_TOKENS
         seconds += call(
             f"score {stage.name} ({kind.replace('_', '-')})", evaluate.main, "minimind_hf.evaluate",
-            "--model", str(out / stage.name), *data, "--max_new_tokens", MAX_NEW_TOKENS, "--out", str(path),
+            "--model", str(out / stage.name), *data, "--max_new_tokens", tokens, "--out", str(path),
         )  # fmt: skip
         results[kind] = json.loads(path.read_text(encoding="utf-8"))
     return results, seconds
 
 
+def serve_round_trip(model: Path, rows: int = 16) -> dict:
+    """`python -m minimind_hf.serve <model>` in its own process, asked by the `openai` client with the tools of the
+    first `rows` held-out tool tasks, plain and streamed: the client runs the calls the server returns and sends
+    their results (`agent_client.run_with_tools`). A task counts when the final answer holds every `gt` item."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "minimind_hf.serve", str(model), "--port", str(port), "--log_level", "warning"]
+    server = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:  # until the server answers
+            try:
+                api.models.list()
+                break
+            except openai.APIConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(argv)} did not start") from None
+                time.sleep(0.5)
+        solved = {"plain": 0, "streamed": 0}
+        for row in evaluate.load_agent_rows("data/eval_agent.jsonl")[:rows]:
+            for kind in solved:
+                answer, _ = run_with_tools(
+                    api, str(model), row["prompt"], row["tools"], stream=kind == "streamed", temperature=0,
+                    max_tokens=int(AGENT_MAX_NEW_TOKENS),
+                )  # fmt: skip
+                solved[kind] += all(str(item) in answer for item in row["gt"])
+        print(f"served {model}: tool tasks solved through the openai client: {solved} of {rows} each")
+        return {"rows": rows, **solved}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def percent(result: dict) -> str:
-    return f"{100 * result['exact_match']:.0f}%"
+    """Exact match of a scored file, or the solved share of a tool-task file."""
+    if "solved_rate" in result:
+        return f"{100 * result['solved_rate']:.0f}%"
+    return f"{100 * (result['overall'] if 'overall' in result else result)['exact_match']:.0f}%"
 
 
 def summary(scores: dict[str, dict], timings: dict[str, float]) -> str:
@@ -124,7 +180,7 @@ def summary(scores: dict[str, dict], timings: dict[str, float]) -> str:
         cells = [name, percent(s["fit"]["overall"]), percent(held["overall"])]
         cells += [percent(held["held_out"][kind]) if kind in held.get("held_out", {}) else "-" for kind in kinds]
         cells += [percent(held["tasks"][task]) if task in held["tasks"] else "-" for task in tasks]
-        cells += [percent(s[name]["overall"]) if name in s else "-" for name in extras]
+        cells += [percent(s[name]) if name in s else "-" for name in extras]
         lines.append("  ".join(f"{c:>9}" for c in cells))
     fit_tasks = "; ".join(
         f"{name}: " + ", ".join(f"{task} {percent(r)}" for task, r in s["fit"]["tasks"].items())
@@ -153,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     timings: dict[str, float] = {}
     scores: dict[str, dict] = {}
+    served: dict = {}
     for number, stage in enumerate(stages, start=1):
         title = f"{number}/{len(stages)} {stage.title}"
         timings[stage.name] = run(title, *stage.command(out))
@@ -165,13 +222,22 @@ def main(argv: list[str] | None = None) -> None:
         title = "chat with the LoRA adapter (name, maker, and a task it was not trained on)"
         lora_args = ["--model", str(out / "lora"), "--greedy", *who]
         timings["chat_lora"] = call(title, chat.main, "minimind_hf.chat", *lora_args)
+    if any(stage.name == "agent" for stage in stages):
+        start = time.time()
+        print(f"\n=== serve the agent model; the openai client asks with tools\n$ -m minimind_hf.serve {out}/agent")
+        served = serve_round_trip(out / "agent")
+        timings["serve_agent"] = time.time() - start
     for stage in stages:
         title = f"plot the {stage.name} curves"
         timings[f"plot_{stage.name}"] = call(title, plot.main, "minimind_hf.plot", str(out / stage.name))
 
     text = summary(scores, timings)
+    if served:
+        text += f"\nserved agent, tool tasks solved through the openai client: {served}"
     print("\n=== summary (exact match: fit = a sample of the SFT data, held-out = data/eval.jsonl)\n" + text)
-    (out / "summary.json").write_text(json.dumps({"scores": scores, "timings": timings}, indent=2, ensure_ascii=False))
+    (out / "summary.json").write_text(
+        json.dumps({"scores": scores, "served": served, "timings": timings}, indent=2, ensure_ascii=False)
+    )
     print(f"loss curves: {out}/*/loss.png; figures: {out}/summary.json")
 
 

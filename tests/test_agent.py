@@ -286,3 +286,20 @@ def test_shipped_recipe_parses_with_the_originals_defaults():
     assert (args.max_turns, training_args.num_generations, training_args.loss_type, training_args.beta) == (
         3, 4, "cispo", 0.1,
     )  # fmt: skip
+
+
+def test_demo_recipe_takes_every_shipped_agent_row(monkeypatch):
+    """recipes/demo/agent.yaml on data/agent_rl.jsonl with the demo's tokenizer: every row passes the stage's checks
+    (its tools among the recipe's, its prompt within max_prompt_length), and thinking stays closed."""
+    from minimind_hf.training import parse_recipe
+
+    stage = agent.AGENT
+    config = ["--config", str(REPO_ROOT / "recipes" / "demo" / "agent.yaml")]
+    config += ["--tokenizer_name_or_path", str(REPO_ROOT / "data" / "tokenizer3")]
+    args, training_args = parse_recipe((stage.arguments_class, stage.config_class), config, stage.defaults)
+    assert training_args.loss_type == "cispo" and args.reward_funcs == ["agent_reward"]
+    tokenizer = load_tokenizer(REPO_ROOT / "data" / "tokenizer3")
+    monkeypatch.chdir(REPO_ROOT)  # the recipe's paths are the repository's
+    train, _ = agent.load_datasets(args, training_args, tokenizer)
+    shipped = (REPO_ROOT / "data" / "agent_rl.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(train) == len(shipped) and not any(row["prompt"][0]["open_thinking"] for row in train)

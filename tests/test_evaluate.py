@@ -204,3 +204,23 @@ def test_main_scores_a_seeded_sample_of_sft_data(tiny_dir, tmp_path, capsys):
     assert record["overall"]["n"] == 5 and (record["sample"], record["seed"]) == (5, 1)
     assert set(record["tasks"]) <= {"all", "add"} and record["overall"] == results["overall"]
     assert "overall" in capsys.readouterr().out
+
+
+def test_t2t_rows_with_tools_are_prompted_with_their_tools(tmp_path):
+    """MiniMind-3 rows (tools and calls as JSON strings, a tool reply): the prompt is rendered with the row's tools
+    and parsed calls, as training renders it, and the loss is taken on the same text."""
+    tokenizer = load_tokenizer(REPO / "data" / "tokenizer3")
+    rows = [json.loads(line) for line in (REPO / "data" / "tool_sft.jsonl").read_text().splitlines()[:3]]
+    path = tmp_path / "tool.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    loaded = load_eval_rows(path, sft=True)
+    for row, original in zip(loaded, rows, strict=True):
+        assert row["answer"] == original["conversations"][-1]["content"]
+        assert [m["role"] for m in row["prompt"]] == ["system", "user", "assistant", "tool"]
+        assert "tools" not in row["prompt"][0] and row["tools"][0]["type"] == "function"
+        text = tokenizer.apply_chat_template(
+            row["prompt"], tools=row["tools"], tokenize=False, add_generation_prompt=True
+        )
+        assert '"name": "calculate_math"' in text.split("<|im_start|>user")[0], "the schemas are in the system turn"
+        assert '<tool_call>\n{"name": ' in text.split("<|im_start|>user")[1], "the call is rendered, parsed"
+        assert text.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")

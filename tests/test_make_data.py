@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 FILES = ["dpo.jsonl", "eval.jsonl", "grpo.jsonl", "pretrain.jsonl", "reason.jsonl", "sft.jsonl"]
-TOOL_FILES = ["tool_sft.jsonl", "agent_rl.jsonl", "eval_agent.jsonl"]
+TOOL_FILES = ["tool_sft.jsonl", "agent_rl.jsonl", "eval_agent.jsonl", "pretrain_recall.jsonl"]
 REASONED = re.compile(r"<think>\n(?:[^\n]+\n)+</think>\n<answer>\n([^\n]+)\n</answer>")
 # Words that show which number task a question or a pretraining sentence is about.
 TASK_WORDS = {
@@ -111,7 +111,7 @@ def wording_pattern(task: str, template: str) -> re.Pattern:
 
 
 def test_eval_wordings_appear_nowhere_else(repo_rows):
-    texts = [row["text"] for row in repo_rows["pretrain"]]
+    texts = [row["text"] for row in repo_rows["pretrain"] + repo_rows["pretrain_recall"]]
     for name in ("sft", "reason", "grpo"):
         texts += [m["content"] for row in repo_rows[name] for m in row["conversations"] if m["role"] == "user"]
     texts += [m["content"] for row in repo_rows["dpo"] for m in row["chosen"] + row["rejected"] if m["role"] == "user"]
@@ -146,7 +146,7 @@ def test_held_out_items_appear_nowhere_else(repo_rows):
     for q, a in stated:
         facts.setdefault((frozenset(numbers(q)), a), []).append(q)
     sentences: dict[frozenset, list[str]] = {}  # pretraining sentences by the numbers they contain
-    for row in repo_rows["pretrain"]:
+    for row in repo_rows["pretrain"] + repo_rows["pretrain_recall"]:
         for sentence in re.split(r"(?<=[.。])\s*", row["text"]):
             sentences.setdefault(frozenset(numbers(sentence)), []).append(sentence)
     for row in held:
