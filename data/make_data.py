@@ -707,6 +707,17 @@ def identity_conversations(seed: int, held_out: bool = False) -> list[dict]:
     return rows
 
 
+def render_minimind3(messages: list[dict]) -> str:
+    """Messages as MiniMind-3's template renders them, less the outer `<|im_start|>` and `<|im_end|>\n` that
+    pretraining puts around every text (so that the wrapped text is the rendered conversation exactly)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from minimind_hf.chat_templates import MINIMIND3_CHAT_TEMPLATE
+
+    text = render_jinja_template([messages], chat_template=MINIMIND3_CHAT_TEMPLATE)[0][0]
+    return text.removeprefix("<|im_start|>").removesuffix("<|im_end|>\n")
+
+
 def write_jsonl(path: Path, row: Callable[[], dict], n: int) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(row(), ensure_ascii=False) + "\n" for _ in range(n))
@@ -794,8 +805,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_rehearsal", type=int, default=256, help="SFT rows mixed into lora_identity.jsonl")
     parser.add_argument("--n_tool_sft", type=int, default=600, help="tool-call SFT rows (tool_sft.jsonl)")
     parser.add_argument("--n_agent_rl", type=int, default=1_500, help="agent RL prompts (agent_rl.jsonl)")
-    parser.add_argument("--n_recall", type=int, default=10_000, help="copy-teaching pretraining texts")
-    parser.add_argument("--n_eval_agent", type=int, default=160, help="rounded down to a multiple of 8 (kinds x 2)")
+    parser.add_argument("--n_pretrain_tools", type=int, default=4_000, help="tool conversations as pretraining text")
+    parser.add_argument("--n_eval_agent", type=int, default=180, help="rounded down to a multiple of 6 (kinds x 2)")
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--no_tokenizer", action="store_true", help="skip training data/tokenizer")
     args = parser.parse_args(argv)
@@ -818,21 +829,13 @@ def main(argv: list[str] | None = None) -> None:
     identity_eval = identity_conversations(args.seed, held_out=True)
     write_jsonl(args.out_dir / "identity_eval.jsonl", iter(identity_eval).__next__, len(identity_eval))
     # The tool tasks draw from their own stream, so the files above are the same with or without them.
-    tools = ToolTasks(args.seed + 1, args.n_eval_agent, vary)
+    tools = ToolTasks(args.seed + 1, args.n_eval_agent)
     tool_sft = [tools.sft() for _ in range(args.n_tool_sft)]
     write_jsonl(args.out_dir / "tool_sft.jsonl", iter(tool_sft).__next__, len(tool_sft))
     write_jsonl(args.out_dir / "agent_rl.jsonl", tools.agent_rl, args.n_agent_rl)
     eval_agent = tools.eval_rows()
     write_jsonl(args.out_dir / "eval_agent.jsonl", iter(eval_agent).__next__, len(eval_agent))
-    # The same held-out items as every file's (the generator's seed), drawn from a stream of their own, so that
-    # the files above stay as they are.
-    fillers = Generator(args.seed)
-    fillers.rng = random.Random(args.seed + 2)
-
-    def filler(lang: str) -> str:
-        return fillers.statement(fillers.rng.choice(TASKS), lang)
-
-    write_jsonl(args.out_dir / "pretrain_recall.jsonl", lambda: tools.recall(filler), args.n_recall)
+    write_jsonl(args.out_dir / "pretrain_tools.jsonl", lambda: tools.pretrain(render_minimind3), args.n_pretrain_tools)
     if not args.no_tokenizer:
         corpora = [args.out_dir / "pretrain.jsonl", args.out_dir / "sft.jsonl"]
         write_tokenizer(args.out_dir / "tokenizer", corpora, args.vocab_size)

@@ -66,7 +66,7 @@ class DemoStage:
 
 
 STAGES = [
-    DemoStage("pretrain", "pretrain a small MiniMind on data/pretrain.jsonl"),
+    DemoStage("pretrain", "pretrain a small MiniMind-3 on data/pretrain.jsonl and data/pretrain_tools.jsonl"),
     DemoStage(
         "sft",
         "SFT from the pretrained model on data/sft.jsonl and data/tool_sft.jsonl",

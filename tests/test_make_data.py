@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 FILES = ["dpo.jsonl", "eval.jsonl", "grpo.jsonl", "pretrain.jsonl", "reason.jsonl", "sft.jsonl"]
-TOOL_FILES = ["tool_sft.jsonl", "agent_rl.jsonl", "eval_agent.jsonl", "pretrain_recall.jsonl"]
+TOOL_FILES = ["tool_sft.jsonl", "agent_rl.jsonl", "eval_agent.jsonl", "pretrain_tools.jsonl"]
 REASONED = re.compile(r"<think>\n(?:[^\n]+\n)+</think>\n<answer>\n([^\n]+)\n</answer>")
 # Words that show which number task a question or a pretraining sentence is about.
 TASK_WORDS = {
@@ -111,7 +111,7 @@ def wording_pattern(task: str, template: str) -> re.Pattern:
 
 
 def test_eval_wordings_appear_nowhere_else(repo_rows):
-    texts = [row["text"] for row in repo_rows["pretrain"] + repo_rows["pretrain_recall"]]
+    texts = [row["text"] for row in repo_rows["pretrain"] + repo_rows["pretrain_tools"]]
     for name in ("sft", "reason", "grpo"):
         texts += [m["content"] for row in repo_rows[name] for m in row["conversations"] if m["role"] == "user"]
     texts += [m["content"] for row in repo_rows["dpo"] for m in row["chosen"] + row["rejected"] if m["role"] == "user"]
@@ -146,7 +146,7 @@ def test_held_out_items_appear_nowhere_else(repo_rows):
     for q, a in stated:
         facts.setdefault((frozenset(numbers(q)), a), []).append(q)
     sentences: dict[frozenset, list[str]] = {}  # pretraining sentences by the numbers they contain
-    for row in repo_rows["pretrain"] + repo_rows["pretrain_recall"]:
+    for row in repo_rows["pretrain"] + repo_rows["pretrain_tools"]:
         for sentence in re.split(r"(?<=[.。])\s*", row["text"]):
             sentences.setdefault(frozenset(numbers(sentence)), []).append(sentence)
     for row in held:
@@ -189,19 +189,8 @@ def test_answers_are_right_and_files_are_well_formed(repo_rows):
 
 
 def tool_answer(task: str, question: str) -> tuple[dict, str]:
-    """The call that answers a tool question and the expected answer, from the question's text and the tool's table
-    (every wording names the source unit right after the value; each unit converts to one other)."""
-    from minimind_hf.agent_tools import UNIT_FACTORS
-
-    found = [int(n) for n in re.findall(r"\d+", question)]
-    if task == "convert":
-        (value,) = found
-        units = {name: unit[:2] for unit in tool_tasks.UNITS for name in (unit[2], unit[4])}
-        (source,) = [n for n in units if re.search(rf"(?<!\d){value}\s*{re.escape(n)}", question, re.IGNORECASE)]
-        code_from, code_to = units[source]
-        call = {"name": "unit_converter", "arguments": {"value": value, "from_unit": code_from, "to_unit": code_to}}
-        return call, str(round(value * UNIT_FACTORS[f"{code_from}_{code_to}"], 4))
-    x, y = sorted(found, reverse=True) if task == "subtract" else found  # "subtract 3 from 9" is 9-3
+    """The call that answers a tool question and the expected answer, from the question's text alone."""
+    x, y = (int(n) for n in re.findall(r"\d+", question))
     op, value = {"multiply": ("*", x * y), "add": ("+", x + y), "subtract": ("-", x - y)}[task]
     return {"name": "calculate_math", "arguments": {"expression": f"{x}{op}{y}"}}, str(value)
 
@@ -283,3 +272,19 @@ def test_minimind3_tokenizer_has_its_tags_as_single_tokens_and_its_template():
         plain.bos_token_id,
         plain.eos_token_id,
     ]
+
+
+def test_tool_pretraining_texts_are_tool_conversations_as_the_template_renders_them(repo_rows):
+    pattern = re.compile(
+        r"user\n(?P<q>[^\n]+)<\|im_end\|>\n<\|im_start\|>assistant\n<think>\n\n</think>\n\n<tool_call>\n"
+        r'\{"name": "calculate_math", "arguments": \{"expression": "(?P<e>[^"]+)"\}\}\n</tool_call><\|im_end\|>\n'
+        r'<\|im_start\|>user\n<tool_response>\n\{"result": "(?P<r>-?\d+)"\}\n</tool_response><\|im_end\|>\n'
+        r"<\|im_start\|>assistant\n<think>\n\n</think>\n\n(?P<a>-?\d+)"
+    )
+    for row in repo_rows["pretrain_tools"]:
+        match = pattern.fullmatch(row["text"])
+        assert match, row["text"]
+        ops = {"*": "multiply", "+": "add", "-": "subtract"}
+        task = ops[re.search(r"[*+-]", match["e"]).group()]
+        call, answer = tool_answer(task, match["q"])
+        assert call["arguments"]["expression"] == match["e"] and match["r"] == match["a"] == answer
