@@ -91,6 +91,11 @@ class MiniMind3Config(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         # The original's HF export writes `rope_scaling` (its YaRN dict, or null); `inference_rope_scaling` says it.
         kwargs.pop("rope_scaling", None)
+        if not self.use_moe and kwargs.get("output_router_logits"):
+            # TRL's SFTTrainer saves `output_router_logits: true` into dense configs too (its balance loss follows
+            # `router_aux_loss_coef`); TRL's fused LM head then asks a dense model for router logits, and the
+            # balance loss fails on the empty tuple. A dense model has no router: it reads as false.
+            kwargs["output_router_logits"] = False
         if self.intermediate_size is None:
             self.intermediate_size = math.ceil(self.hidden_size * math.pi / 64) * 64
         if self.head_dim is None:

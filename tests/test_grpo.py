@@ -434,3 +434,13 @@ def test_thinking_ratio_needs_minimind3s_template(tmp_path):
     recipe = write_recipe(tmp_path, thinking_ratio=0.5)
     with pytest.raises(RecipeError, match="thinking_ratio needs a chat template with open_thinking"):
         grpo.main(["--config", str(recipe)])
+
+
+def test_dense_minimind3_with_the_config_sft_saves_trains(shared_fixtures, tmp_path):
+    """TRL's SFTTrainer saves `output_router_logits` into every config, dense ones too; TRL's GRPOTrainer then runs
+    Mixtral's balance loss on a dense model's empty router logits and fails. The stage leaves that loss to itself."""
+    recipe = minimind3_recipe(shared_fixtures, tmp_path, use_moe=False, max_steps=1, save_steps=1)
+    config = tmp_path / "policy" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "output_router_logits": True}))
+    trainer = grpo.main(["--config", str(recipe)])
+    assert trainer.state.global_step == 1 and trainer.args.router_aux_loss_coef == 0.0

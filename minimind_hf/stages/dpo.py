@@ -69,7 +69,7 @@ from ..loading import source_kind
 from ..modeling_minimind3 import minimind3_aux_loss
 from ..tokenizer import BOS_TOKEN, EOS_TOKEN
 from ..training import MiniMindArguments, Stage, load_recipe_model, run_cli, run_recipe
-from .moe import capture_router_logits, has_minimind3_moe, model_generation
+from .moe import capture_router_logits, has_minimind3_moe, leave_balance_loss_to_the_stage, model_generation
 
 logger = logging.getLogger("minimind_hf")
 
@@ -372,6 +372,7 @@ def build_dpo_trainer(
     """TRL's `DPOTrainer` with the reference model, the SFT-rule mask and the model generation's loss (see the
     module doc)."""
     resolve_generation_defaults(model, args, training_args)
+    leave_balance_loss_to_the_stage(training_args)
     collator = PreferenceCollator.for_tokenizer(
         tokenizer,
         max_length=training_args.max_length,

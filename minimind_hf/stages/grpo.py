@@ -76,7 +76,7 @@ from ..loading import source_kind
 from ..modeling_minimind3 import minimind3_aux_loss
 from ..rewards import RewardModelScore, resolve_reward_funcs
 from ..training import MiniMindArguments, Stage, run_cli, run_recipe
-from .moe import capture_router_logits, has_minimind3_moe, model_generation
+from .moe import capture_router_logits, has_minimind3_moe, leave_balance_loss_to_the_stage, model_generation
 
 logger = logging.getLogger("minimind_hf")
 
@@ -407,6 +407,7 @@ def resolve_generation_defaults(model, args: GRPOArguments, training_args: GRPOC
     """`loss_type`, `beta`, `epsilon_high` and `grpo_loss_averaging` where the recipe left them null: the policy's
     generation decides (see the module doc). Logged, so a run says which GRPO it is."""
     generation = model_generation(model)
+    leave_balance_loss_to_the_stage(training_args)
     if training_args.loss_type is None:
         training_args.loss_type = LOSS_TYPE_BY_GENERATION[generation]
     if training_args.beta is None:

@@ -16,6 +16,15 @@ import torch
 from ..configuration_minimind3 import MiniMind3Config
 
 
+def leave_balance_loss_to_the_stage(training_args) -> None:
+    """Turn off TRL's own Mixtral balance loss (`router_aux_loss_coef` 0 where the recipe left it unset): these
+    stages add MiniMind-3's (`capture_router_logits`). TRL enables its loss for any config that carries
+    `output_router_logits`, which its SFTTrainer writes into every config it saves, dense ones included; on a dense
+    model the router logits are empty and TRL's loss fails (IndexError in `load_balancing_loss_func`)."""
+    if getattr(training_args, "router_aux_loss_coef", 0.0) is None:
+        training_args.router_aux_loss_coef = 0.0
+
+
 def model_generation(model: torch.nn.Module) -> int:
     """2 for a MiniMind2 model, 3 for MiniMind-3 (its config class says which)."""
     return 3 if isinstance(model.config, MiniMind3Config) else 2
