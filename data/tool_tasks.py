@@ -18,13 +18,12 @@ cannot hold the results, so it must call the tool, copy the numbers from the que
 the tool's value into its answer. Each row offers `calculate_math` beside `unit_converter`, in a drawn order,
 sometimes with a third tool that does not help.
 
-Copying is what a model this small learns last. Measured on the demo's model (4 layers, 256 wide): 600 tool rows
-trained 5 epochs left digit copying near 15%; copying a number said earlier in a sentence of a fixed form was
-learnt within a few hundred pretraining steps (99% on held-out numbers), but the same with unrelated sentences
-between the two mentions, or random digit strings, did not get past 10% in 800 steps: the general mechanism (find
-the earlier mention, read on) does not form in minutes of CPU. So the wordings put the two numbers at the end of
-the question, one word apart (`SFT_WORDINGS`, `EVAL_WORDINGS`: any opening, then `x <word> y` and one mark), and
-pretraining sees the tool conversations' text, where each copy sits at the same place relative to its source.
+Copying is what a model this small learns last (docs/demo_experiments.md, "MiniMind-3 and tool tasks"): 600 tool
+rows trained 5 epochs gave well-formed calls with wrong numbers (1 of 160 held-out tasks solved); texts that say a
+number twice taught copying only in their own sentence forms (`benchmarks/copy_learning.py`). What worked: the
+tool conversations' own text in pretraining (`pretrain_tools.jsonl`, 4,000 rows), then SFT on the tool rows; the
+SFT model then solves about half of the held-out tasks. The wordings keep the two numbers at the end of the
+question, one word apart (an opening, `x <word> y`, one mark).
 """
 
 from __future__ import annotations
@@ -48,17 +47,17 @@ SFT_WORDINGS = {
     "multiply": {
         "en": ["What is {x} times {y}?", "What is {x} * {y}?", "Multiply {x} by {y}.", "Calculate {x} * {y}.",
                "How much is {x} times {y}?", "What is the product of {x} and {y}?", "Compute {x} times {y}."],
-        "zh": ["{x}乘{y}等于多少？", "计算{x}乘{y}。", "请算一下{x}*{y}。", "{x}和{y}的积是多少？", "求{x}乘{y}。"],
+        "zh": ["计算{x}乘{y}。", "请算一下{x}*{y}。", "求{x}乘{y}。", "算一算{x}乘{y}？", "{x}乘{y}？", "问{x}*{y}。"],
     },
     "add": {
         "en": ["What is {x} plus {y}?", "What is {x} + {y}?", "Add {x} and {y}.", "Calculate {x} + {y}.",
                "What is the sum of {x} and {y}?", "How much is {x} plus {y}?", "Compute {x} plus {y}."],
-        "zh": ["{x}加{y}等于多少？", "计算{x}加{y}。", "请算一下{x}+{y}。", "{x}与{y}的和是多少？", "求{x}加{y}。"],
+        "zh": ["计算{x}加{y}。", "请算一下{x}+{y}。", "求{x}加{y}。", "算一算{x}加{y}？", "{x}加{y}？", "问{x}+{y}。"],
     },
     "subtract": {
         "en": ["What is {x} minus {y}?", "What is {x} - {y}?", "Calculate {x} - {y}.", "How much is {x} minus {y}?",
                "Compute {x} minus {y}.", "Work out {x} - {y}."],
-        "zh": ["{x}减{y}等于多少？", "计算{x}减{y}。", "请算一下{x}-{y}。", "求{x}减{y}。"],
+        "zh": ["计算{x}减{y}。", "请算一下{x}-{y}。", "求{x}减{y}。", "算一算{x}减{y}？", "{x}减{y}？", "问{x}-{y}。"],
     },
 }  # fmt: skip
 EVAL_WORDINGS = {  # held out: no training row is worded so (the operation's word is one training uses)
