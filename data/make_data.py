@@ -758,10 +758,15 @@ def write_tokenizer(
             yield render_jinja_template([messages], tools=tools, chat_template=template)[0][0]
 
     backend = Tokenizer(models.BPE())
+    # MiniMind-3 (generation 3): a run of newlines is one piece, as in Qwen's pattern. Its generation prompt ends
+    # with `</think>\n\n`; with GPT-2's pattern alone, "\n\nMirenburg" in training splits into two newline tokens
+    # but a prompt that ends with "\n\n" gives one, so every word answer would follow a token never trained on.
+    newlines = [pre_tokenizers.Split(Regex("\n+"), behavior="isolated")] if generation == 3 else []
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex("[\u3400-\u9fff]"), behavior="isolated"),
             pre_tokenizers.Digits(individual_digits=True),
+            *newlines,
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )

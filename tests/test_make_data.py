@@ -265,6 +265,15 @@ def test_minimind3_tokenizer_has_its_tags_as_single_tokens_and_its_template():
         assert tokenizer.tokenize(f"a{tag}b")[1] == tag
         # Added but not special, as in MiniMind-3's own: decoded replies keep them, so calls can be parsed.
         assert tokenizer.decode(tokenizer.encode(f"{tag}<|im_end|>"), skip_special_tokens=True) == tag
+    # The generation prompt's tokens begin every trained reply's: a prompt that ends with `</think>\n\n` tokenizes
+    # as the same text does before a word, a number or a call (newline runs are one piece).
+    for reply in ["Mirenburg", "1265", "喵喵", '<tool_call>\n{"name": "calculate_math"}\n</tool_call>']:
+        asked = [{"role": "user", "content": "Capital of Valdoria?"}]
+        prompt = tokenizer.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template(
+            [*asked, {"role": "assistant", "content": reply}], tokenize=True, return_dict=False
+        )
+        assert full[: len(prompt)] == prompt, reply
     # MiniMind2's three special tokens keep their ids, so both tokenizers agree on padding and turn markers.
     plain = load_tokenizer(DATA / "tokenizer")
     assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [
