@@ -22,8 +22,8 @@ Copying is what a model this small learns last (docs/demo_experiments.md, "MiniM
 rows trained 5 epochs gave well-formed calls with wrong numbers (1 of 160 held-out tasks solved); texts that say a
 number twice taught copying only in their own sentence forms (`benchmarks/copy_learning.py`). What worked: the
 tool conversations' own text in pretraining (`pretrain_tools.jsonl`, 4,000 rows), then SFT on the tool rows; the
-SFT model then solves 70.6% of the held-out tasks (README, "The demo"). The wordings keep the two numbers at the end of the
-question, one word apart (an opening, `x <word> y`, one mark).
+SFT model then solves 70.6% of the held-out tasks (README, "The demo"). The wordings keep the two numbers at the
+end of the question, one word apart (an opening, `x <word> y`, one mark).
 """
 
 from __future__ import annotations
