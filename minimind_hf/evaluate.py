@@ -146,13 +146,12 @@ def predict(
 ) -> list[str]:
     """Greedy answers to each row's prompt, in batches of similar length (less left padding) and the same tools."""
 
-    def tools(i: int) -> str:
-        return json.dumps(rows[i].get("tools"), sort_keys=True)
-
-    order = sorted(range(len(rows)), key=lambda i: (tools(i), sum(len(m["content"]) for m in rows[i]["prompt"])))
+    tools = [json.dumps(row.get("tools"), sort_keys=True) for row in rows]  # a batch renders with one `tools`
+    order = sorted(range(len(rows)), key=lambda i: (tools[i], sum(len(m["content"]) for m in rows[i]["prompt"])))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    # A batch renders with one `tools`: split where the tools change.
-    batches = [[i for i in batch if tools(i) == key] for batch in batches for key in dict.fromkeys(map(tools, batch))]
+    batches = [
+        [i for i in batch if tools[i] == key] for batch in batches for key in dict.fromkeys(tools[i] for i in batch)
+    ]
     predictions = [""] * len(rows)
     for indices in tqdm(batches, desc="generating", unit="batch"):
         kwargs = {"tools": rows[indices[0]]["tools"]} if rows[indices[0]].get("tools") else None

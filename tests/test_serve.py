@@ -592,21 +592,20 @@ def test_the_demos_kind_of_agent_round_trip():
     tool's value, streamed and not. (`make demo` does the same with its trained agent, on held-out rows.)"""
     data = Path(__file__).resolve().parents[1] / "data"
     tokenizer = load_tokenizer(data / "tokenizer3")
-    rows = [json.loads(line) for line in (data / "tool_sft.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
-    conversations, tools = [], json.loads(rows[0]["conversations"][0]["tools"])
-    for row in rows:
-        system, user, call, tool, answer = row["conversations"]
-        system = {"role": "system", "content": system["content"]}
-        assert json.loads(row["conversations"][0]["tools"]) == tools or row is not rows[0]
-        calls = [{"type": "function", "function": c} for c in json.loads(call["tool_calls"])]
-        asked = [system, user, {"role": "assistant", "content": "", "tool_calls": calls}]
-        conversations += [asked, [*asked, tool, answer]]
+    row = json.loads((data / "tool_sft.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    system, user, call, tool, answer = row["conversations"]
+    tools = json.loads(system["tools"])
+    calls = [{"type": "function", "function": c} for c in json.loads(call["tool_calls"])]
+    asked = [
+        {"role": "system", "content": system["content"]},
+        user,
+        {"role": "assistant", "content": "", "tool_calls": calls},
+    ]
     torch.manual_seed(0)
     config = MiniMind3Config(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)
     )
-    row = rows[0]
-    model = learn_by_heart(MiniMind3ForCausalLM(config), tokenizer, conversations[:2], tools)
+    model = learn_by_heart(MiniMind3ForCausalLM(config), tokenizer, [asked, [*asked, tool, answer]], tools)
     expected_call = json.loads(row["conversations"][2]["tool_calls"])
     with in_thread(build_app(model, tokenizer, "agent")) as url:
         api = client(url)
